@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -201,16 +203,20 @@ def _open_pickle(path: Path) -> TensorStore:
     if path.stat().st_size == 0:
         raise ModelFileError(path, "the file is empty", "Download it again")
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol chatter; refusals surface as errors below
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        # torch's text suggests weights_only=False; we never do that, so only the culprit is quoted.
+        culprit = re.search(r"(GLOBAL [\w.]+|Unsupported operand \d+)", str(e))
+        detail = f" ({culprit.group(1)})" if culprit else ""
         raise ModelFileError(
-            path, f"refused: the file holds Python objects other than tensors, which could run code ({first})",
+            path, f"refused: the file holds Python objects other than tensors, which could run code{detail}",
             "Use a .safetensors version of this model") from None
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise ModelFileError(path, f"cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {str(e)[:200]})",
