@@ -1,0 +1,68 @@
+"""Command line: `python -m lib_deltasampling inspect FILE...`.
+
+Exit codes: 0 ok, 2 a user error (one clear line, no traceback), 1 an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+        nbytes /= 1024
+    raise AssertionError
+
+
+def inspect_file(path: Path) -> list[str]:
+    """Lines describing a checkpoint: family, prediction, format, precision, size, UNet shape."""
+    from .runtime.checkpoint import open_store
+    from .runtime.detect import detect_model
+
+    store = open_store(path)
+    info = detect_model(store)
+    u = info.unet
+    dtypes = ", ".join(f"{str(dt).removeprefix('torch.')} x{n}"
+                       for dt, n in sorted(store.stored_dtypes().items(), key=lambda kv: -kv[1]))
+    prediction = info.prediction or "decided when loaded (A1111's SD2 v-prediction probe)"
+    depth = ",".join(map(str, u.transformer_depth))
+    return [
+        f"{path}",
+        f"  family:      {info.family.label}",
+        f"  prediction:  {prediction}" + (f" (from {info.prediction_source})" if info.prediction else ""),
+        f"  format:      {path.suffix.lstrip('.')}, {len(store)} tensors, {_size(store.nbytes())}",
+        f"  precision:   {dtypes}",
+        f"  UNet:        {u.model_channels} channels x {list(u.channel_mult)}, res blocks {list(u.num_res_blocks)}, "
+        f"transformer depth [{depth}] / middle {u.transformer_depth_middle}, context {u.context_dim}"
+        + (f", ADM {u.adm_in_channels}" if u.adm_in_channels else ""),
+        f"  VAE:         {'included' if info.has_vae else 'not included'}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib_deltasampling", description="Delta Sampling tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_inspect = sub.add_parser("inspect", help="describe model files (family, prediction, precision, size)")
+    p_inspect.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            for path in args.files:
+                print("\n".join(inspect_file(path)))
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,44 @@
+"""`python -m lib_deltasampling inspect`: run as a user runs it, in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import factories
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lib_deltasampling", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_inspect_describes_each_family(tmp_path: Path):
+    paths = [factories.write_checkpoint(tmp_path / f"{f}.safetensors", f, dtype=torch.float16) for f in factories.FAMILIES]
+    out = run("inspect", *map(str, paths))
+    assert out.returncode == 0, out.stderr
+    blocks = out.stdout.split(str(tmp_path))[1:]
+    assert len(blocks) == 3
+    sd1, sd2, sdxl = blocks
+    assert "family:      SD1.x" in sd1 and "prediction:  eps (from default)" in sd1
+    assert "family:      SD2.x" in sd2 and "probe" in sd2
+    assert "family:      SDXL" in sdxl and f"ADM {factories.unet_config('sdxl').adm_in_channels}" in sdxl
+    tensors = factories.checkpoint_tensors("sd1")
+    n_float = sum(t.is_floating_point() for t in tensors.values())
+    assert f"{len(tensors)} tensors" in sd1 and f"float16 x{n_float}" in sd1
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path: Path):
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
+    for args in (["inspect", str(lora)], ["inspect", str(tmp_path / "missing.safetensors")]):
+        out = run(*args)
+        assert out.returncode == 2
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and args[1] in lines[0]
+        assert "Traceback" not in out.stderr
