@@ -11,6 +11,7 @@ reading data, tensors on demand, and prefix views (`store.sub("model.diffusion_m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -200,17 +201,34 @@ def _open_safetensors(path: Path) -> TensorStore:
 
 
 def _open_pickle(path: Path) -> TensorStore:
+    tensors = _flatten_checkpoint(load_pickle_tree(path))
+    if not tensors:
+        raise ModelFileError(path, "holds no tensors", "Check that this is a model file")
+    return TensorStore.from_dict(tensors, path=path)
+
+
+def load_pickle_tree(path: str | Path, *, allow: tuple[type, ...] = ()) -> object:
+    """The object in a `.ckpt/.pt/.pth/.bin` file, read with `torch.load(weights_only=True)`:
+    dicts, lists, numbers, strings and tensors, never pickled code.
+
+    `allow`: extra classes the file may hold (e.g. `torch.nn.ParameterDict` of old
+    textual-inversion files); the weights-only unpickler rebuilds them from plain state
+    without running their code. Needs torch >= 2.5 (`torch.serialization.safe_globals`);
+    on older torch such files are refused like any other class.
+    """
+    path = Path(path)
     if path.stat().st_size == 0:
         raise ModelFileError(path, "the file is empty", "Download it again")
+    allowed = getattr(torch.serialization, "safe_globals", None)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (allowed(list(allow)) if allow and allowed else contextlib.nullcontext()):
             warnings.simplefilter("ignore")  # pickle-protocol chatter; refusals surface as errors below
             try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         # torch's text suggests weights_only=False; we never do that, so only the culprit is quoted.
         culprit = re.search(r"(GLOBAL [\w.]+|Unsupported operand \d+)", str(e))
@@ -221,10 +239,6 @@ def _open_pickle(path: Path) -> TensorStore:
     except (EOFError, RuntimeError, ValueError, OSError) as e:
         raise ModelFileError(path, f"cannot be read as a PyTorch checkpoint ({e.__class__.__name__}: {str(e)[:200]})",
                              "The file is truncated or corrupt; download it again") from None
-    tensors = _flatten_checkpoint(obj)
-    if not tensors:
-        raise ModelFileError(path, "holds no tensors", "Check that this is a model file")
-    return TensorStore.from_dict(tensors, path=path)
 
 
 def _flatten_checkpoint(obj: object) -> dict[str, torch.Tensor]:
