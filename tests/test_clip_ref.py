@@ -9,9 +9,7 @@ against the reference or a hand computation from the A1111 formula.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from lib_deltasampling.runtime.checkpoint import TensorStore
 from lib_deltasampling.runtime.text.encode import Conditioning, load_text_stack, pad_after_eos, sdxl_adm_vector
 from lib_deltasampling.runtime.text.prompt import TokenizedPrompt
 from lib_deltasampling.runtime.text.tokenizer import ClipTokenizer
+from vocab import clip_vocab_path
 
 BOS, EOS = 49406, 49407
 TOL = 1e-4
@@ -47,8 +46,7 @@ def tok(*chunks_tokens: list[int], weights: list[list[float]] | None = None, fix
 @functools.lru_cache(maxsize=1)
 def tokenizer() -> ClipTokenizer:
     """The real BPE over open_clip's bundled vocabulary file (open_clip itself is never imported)."""
-    gz = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    return ClipTokenizer(gz)
+    return ClipTokenizer(clip_vocab_path())
 
 
 def rand_tokens(n: int, seed: int) -> list[int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -154,13 +153,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> ClipTokenizer:
-    spec = importlib.util.find_spec("open_clip")
-    assert spec and spec.submodule_search_locations, "tests need open_clip_torch (installed --no-deps) for the CLIP vocab"
-    return ClipTokenizer(Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ diffusers' EulerDiscreteScheduler for sigma -> timestep and the input scaling.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import weakref
 from pathlib import Path
 
@@ -21,16 +20,8 @@ from lib_deltasampling.runtime.checkpoint import open_store
 from lib_deltasampling.runtime.detect import Family
 from lib_deltasampling.runtime.model import load_model
 from lib_deltasampling.runtime.placement import Placement
-from lib_deltasampling.runtime.text.tokenizer import ClipTokenizer
 
 CPU32 = Placement(torch.device("cpu"), torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> ClipTokenizer:
-    spec = importlib.util.find_spec("open_clip")
-    assert spec and spec.submodule_search_locations, "tests need open_clip_torch (installed --no-deps) for the CLIP vocab"
-    return ClipTokenizer(Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz")
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,7 @@ regex = pytest.importorskip("regex")
 transformers = pytest.importorskip("transformers")
 
 
-def _open_clip_dir() -> Path:
-    spec = importlib.util.find_spec("open_clip")  # located, not imported
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open_clip_torch is not installed (tests/run.sh installs it with --no-deps)")
-    return Path(list(spec.submodule_search_locations)[0])
+from vocab import open_clip_dir as _open_clip_dir
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from .checkpoint import TensorStore, open_store
 from .denoiser import DiscreteSchedule, Denoiser, Prediction, latent_scale_factor
 from .detect import UNET_PREFIX, Family, ModelInfo, detect_model
 from .placement import Placement, choose_placement, empty_device_caches, module_nbytes, release_module
-from .text.encode import EmbeddingVectors, TextStack, load_text_stack, sdxl_adm_vector
+from .text.encode import Conditioning, EmbeddingVectors, TextStack, load_text_stack, sdxl_adm_vector
 from .text.tokenizer import ClipTokenizer
 from .unet import UNetModel, load_unet
 
@@ -53,10 +53,13 @@ class SourceModel:
     def encode(self, prompts: Sequence[str], *, width: int, height: int, negative: bool = False,
                embeddings: Mapping[str, EmbeddingVectors] = {}) -> Cond:
         """Conditioning for the UNet: `context`, and for SDXL the `y` vector built for this image size."""
-        cond = self.text.encode(prompts, embeddings, negative=negative)
-        out: Cond = {"context": cond.context.to(self.placement.dtype)}
+        return self.cond_from(self.text.encode(prompts, embeddings, negative=negative), width=width, height=height)
+
+    def cond_from(self, conditioning: Conditioning, *, width: int, height: int) -> Cond:
+        """UNet inputs from encoded text: `context`, plus SDXL's `y` (pooled + size embeddings)."""
+        out: Cond = {"context": conditioning.context.to(self.placement.dtype)}
         if self.family is Family.SDXL:
-            out["y"] = sdxl_adm_vector(cond.pooled, width, height).to(self.placement.dtype)
+            out["y"] = sdxl_adm_vector(conditioning.pooled, width, height).to(self.placement.dtype)
         return out
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -64,6 +67,10 @@ class SourceModel:
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, *(enc.model for enc in self.text.encoders)]
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The parts adapters address: "unet", "te1" (SD1/SD2 encoder, SDXL CLIP-L), "te2" (SDXL bigG)."""
+        return {"unet": self.unet, **{f"te{i + 1}": enc.model for i, enc in enumerate(self.text.encoders)}}
 
     def nbytes(self) -> int:
         return sum(module_nbytes(m) for m in self.modules())

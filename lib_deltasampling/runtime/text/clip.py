@@ -238,6 +238,14 @@ class HFClipText(_ClipTextBase):
 
 # ---------------------------------------------------------------- OpenCLIP layout (ViT-H, ViT-bigG)
 
+class PackedProjection(nn.Module):
+    """The packed q/k/v projection as a call of its own, holding no parameters (so checkpoint
+    names stay `attn.in_proj_weight`): adapters hook it like any Linear (`runtime/adapters/apply.py`)."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+
 class OpenClipAttention(nn.Module):
     """`nn.MultiheadAttention` parameter names: q, k, v packed in `in_proj_weight` [3*width, width]."""
 
@@ -246,10 +254,11 @@ class OpenClipAttention(nn.Module):
         self.heads = cfg.heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.width))
+        self.in_proj = PackedProjection()
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = self.in_proj(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         return self.out_proj(_causal_attention(q, k, v, self.heads))
 
 
