@@ -208,18 +208,14 @@ class AdapterSet:
         specs = [layer_spec(self.components, a.target) for a in attached]
         rows_of = [a.target.rows for a in attached]
 
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             rows = self._rows
             if rows is None:
-                return None
-            x = args[0][rows]
+                return
+            x, adapted = args[0][rows], out[rows]  # views: the adapted rows of this batch
             for a, spec, feat in zip(attached, specs, rows_of):
-                if feat is None:
-                    out[rows] = a.layer.bypass(x, out[rows], spec, a.multiplier)
-                else:
-                    part = out[rows][..., feat[0]:feat[1]]
-                    out[rows, ..., feat[0]:feat[1]] = a.layer.bypass(x, part, spec, a.multiplier)
-            return out
+                target = adapted if feat is None else adapted[..., feat[0]:feat[1]]
+                a.layer.add_delta_(x, target, spec, a.multiplier)  # in place: the output is fresh
 
         return hook
 

@@ -46,6 +46,10 @@ class AdapterLayer(Protocol):
     def diff_bias(self, base: LayerSpec, multiplier: float) -> torch.Tensor | None:
         """The adapted bias minus the base bias, or None."""
 
+    def add_delta_(self, x: torch.Tensor, out: torch.Tensor, base: LayerSpec, multiplier: float) -> None:
+        """`out += (adapted op - base op)(x)` in place: what the batched forward's hooks call.
+        Differences add up, so several adapters on one layer chain (DoRA included)."""
+
     def bypass(self, x: torch.Tensor, out: torch.Tensor, base: LayerSpec, multiplier: float) -> torch.Tensor:
         """`out` = the base layer's output for input rows `x`; return the adapted output for those rows.
 

@@ -116,7 +116,25 @@ def axis_view(v: torch.Tensor, axis: str, ndim: int) -> torch.Tensor:
     return v.reshape(1, -1, *([1] * (ndim - 2)))
 
 
-class DeltaLayer:
+class Additive:
+    """Every algorithm's adaptation is an addition to the base output: `delta(x, base, multiplier)`.
+    `bypass` and the in-place `add_delta_` follow from it (algorithms may override for speed)."""
+
+    def delta(self, x: torch.Tensor, base: LayerSpec, multiplier: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bypass(self, x: torch.Tensor, out: torch.Tensor, base: LayerSpec, multiplier: float) -> torch.Tensor:
+        if multiplier == 0:
+            return out
+        return out + self.delta(x, base, multiplier)
+
+    def add_delta_(self, x: torch.Tensor, out: torch.Tensor, base: LayerSpec, multiplier: float) -> None:
+        """`out += delta(x)` in place; `out` is the base output for x (a view into the batch's output)."""
+        if multiplier != 0:
+            out.add_(self.delta(x, base, multiplier))
+
+
+class DeltaLayer(Additive):
     """A Linear/Conv2d weight difference. Subclasses are dataclasses with tensor fields and
 
     `scale: float`, `dora_scale: Tensor | None`, `diff_b: Tensor | None`, and implement
@@ -177,11 +195,6 @@ class DeltaLayer:
         if self.diff_b is None:
             return None
         return (self.diff_b.float().to(base.weight.device).reshape(-1) * multiplier).to(base.weight.dtype)
-
-    def bypass(self, x: torch.Tensor, out: torch.Tensor, base: LayerSpec, multiplier: float) -> torch.Tensor:
-        if multiplier == 0:
-            return out
-        return out + self.delta(x, base, multiplier)
 
     def delta(self, x: torch.Tensor, base: LayerSpec, multiplier: float) -> torch.Tensor:
         """What the adaptation adds to the base output for x: op(x, diff_weight) + diff_bias.

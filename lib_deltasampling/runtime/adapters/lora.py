@@ -69,6 +69,27 @@ class LoraLayer(DeltaLayer):
         # W[i, j, h, w] = sum_n,m up[i, n] mid[n, m, h, w] down[m, j]
         return torch.einsum("nmhw,in,mj->ijhw", like(self.mid, ref), up, down).reshape(base.weight.shape)
 
+    def add_delta_(self, x: torch.Tensor, out: torch.Tensor, base: LayerSpec, multiplier: float) -> None:
+        """Linear LoRA in two kernels: h = x down^T, then out += h (gain * up)^T fused in one addmm_.
+
+        The per-step path of a Delta Sampling generation runs this for every adapted Linear, so
+        the scaled, transposed up matrix is cached per (multiplier, dtype, device). Everything
+        else (convs, DoRA, packed q/k/v row slices) takes the general path.
+        """
+        if multiplier == 0:
+            return
+        if base.kind != "linear" or self.dora_scale is not None or self.diff_b is not None or not out.is_contiguous():
+            return super().add_delta_(x, out, base, multiplier)
+        cache = self.__dict__.setdefault("_linear_cache", {})
+        key = (multiplier, x.dtype, x.device)
+        if key not in cache:
+            down = like(self.down, x).reshape(self.rank, -1)
+            up_t = (like(self.up, x).reshape(self.up.shape[0], -1) * (self.scale * multiplier)).t()
+            cache[key] = (down, up_t)
+        down, up_t = cache[key]
+        h = F.linear(x, down)
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, self.rank), up_t)
+
     def _apply(self, x: torch.Tensor, base: LayerSpec, gain: float) -> torch.Tensor:
         out, in_ = base.weight.shape[:2]
         if base.kind == "linear":

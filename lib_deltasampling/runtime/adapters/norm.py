@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import LayerSpec
-from .common import describe_base, dims, like, parse_error, weight_scale
+from .common import Additive, describe_base, dims, like, parse_error, weight_scale
 
 PARTS = frozenset({"w_norm", "b_norm"})
 
@@ -40,7 +40,7 @@ def norm_fit(names: str, w: torch.Tensor, b: torch.Tensor | None, base: LayerSpe
 
 
 @dataclass(eq=False)
-class NormLayer:
+class NormLayer(Additive):
     w_norm: torch.Tensor
     b_norm: torch.Tensor | None
     scale: float
@@ -60,11 +60,6 @@ class NormLayer:
         if self.b_norm is None:
             return None
         return (self.b_norm.float().to(base.weight.device).reshape(-1) * multiplier).to(base.weight.dtype)
-
-    def bypass(self, x: torch.Tensor, out: torch.Tensor, base: LayerSpec, multiplier: float) -> torch.Tensor:
-        if multiplier == 0:
-            return out
-        return out + self.delta(x, base, multiplier)
 
     def delta(self, x: torch.Tensor, base: LayerSpec, multiplier: float) -> torch.Tensor:
         """What the adaptation adds to the norm's output for x: n(x) * dw + db."""
