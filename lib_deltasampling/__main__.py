@@ -21,11 +21,46 @@ def _size(nbytes: int) -> str:
 
 
 def inspect_file(path: Path) -> list[str]:
-    """Lines describing a checkpoint: family, prediction, format, precision, size, UNet shape."""
+    """Lines describing a checkpoint, an adapter (LoRA/LyCORIS) or a textual-inversion embedding."""
+    from .errors import ModelFileError
+    from .runtime.adapters.keys import group_layers
     from .runtime.checkpoint import open_store
+    from .runtime.detect import UNET_PREFIX
+
+    if path.suffix.lower() == ".png":
+        return _describe(path, "embedding", _embedding(path))
+    try:
+        store = open_store(path)
+    except ModelFileError as e:
+        if "holds no tensors" not in str(e):  # a .pt embedding nests its tensors
+            raise
+        return _describe(path, "embedding", _embedding(path))
+    if not store.has_prefix(UNET_PREFIX) and group_layers(store.keys())[0]:
+        from .runtime.adapters.apply import describe_adapter_file
+        return _describe(path, "adapter", describe_adapter_file(store))
+    if not store.has_prefix(UNET_PREFIX) and len(store) <= 4:
+        return _describe(path, "embedding", _embedding(path))
+    return _checkpoint_lines(path, store)
+
+
+def _embedding(path: Path) -> dict:
+    from .runtime.text.embeddings import describe_embedding_file
+    return describe_embedding_file(path)
+
+
+def _describe(path: Path, kind: str, facts: dict) -> list[str]:
+    lines = [f"{path}", f"  kind:        {kind}"]
+    for key, value in facts.items():
+        if key not in ("file",) and value not in (None, "", [], {}):
+            shown = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
+            lines.append(f"  {key + ':':<12} {shown}")
+    return lines
+
+
+def _checkpoint_lines(path: Path, store) -> list[str]:
+    """Family, prediction, format, precision, size and UNet shape of a checkpoint."""
     from .runtime.detect import detect_model
 
-    store = open_store(path)
     info = detect_model(store)
     u = info.unet
     dtypes = ", ".join(f"{str(dt).removeprefix('torch.')} x{n}"
@@ -34,6 +69,7 @@ def inspect_file(path: Path) -> list[str]:
     depth = ",".join(map(str, u.transformer_depth))
     return [
         f"{path}",
+        "  kind:        checkpoint",
         f"  family:      {info.family.label}",
         f"  prediction:  {prediction}" + (f" (from {info.prediction_source})" if info.prediction else ""),
         f"  format:      {path.suffix.lstrip('.')}, {len(store)} tensors, {_size(store.nbytes())}",
@@ -48,7 +84,7 @@ def inspect_file(path: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_deltasampling", description="Delta Sampling tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_inspect = sub.add_parser("inspect", help="describe model files (family, prediction, precision, size)")
+    p_inspect = sub.add_parser("inspect", help="describe checkpoints, adapters (LoRA/LyCORIS) and embeddings")
     p_inspect.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
     try:

@@ -42,3 +42,20 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and args[1] in lines[0]
         assert "Traceback" not in out.stderr
+
+
+def test_inspect_adapters_and_embeddings(tmp_path: Path):
+    from test_adapters import build_adapter
+
+    adapter, _ = build_adapter("sdxl", "kohya", "loha", factories.checkpoint_tensors("sdxl", seed=5))
+    save_file(adapter, str(tmp_path / "xl_loha.safetensors"))
+    torch.save({"string_to_param": {"*": torch.randn(3, 768)}, "name": "ignored", "step": 5}, tmp_path / "myemb.pt")
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, str(tmp_path / "xlemb.safetensors"))
+    out = run("inspect", *(str(tmp_path / n) for n in ("xl_loha.safetensors", "myemb.pt", "xlemb.safetensors")))
+    assert out.returncode == 0, out.stderr
+    lora, emb, xlemb = out.stdout.split(str(tmp_path))[1:]
+    n_unet = sum(k.startswith("lora_unet_") and k.endswith("hada_w1_a") for k in adapter)
+    assert "kind:        adapter" in lora and "family:      SDXL" in lora and f"loha x{len(adapter) // 5}" in lora
+    assert f"unet {n_unet}" in lora and "te2 3" in lora  # te2 prefix -> SDXL, whatever the widths
+    assert "name:        myemb" in emb and "vectors:     3" in emb and "SD1.x embedding (width 768)" in emb
+    assert "format:      clip_l/clip_g" in xlemb and "an SDXL embedding" in xlemb

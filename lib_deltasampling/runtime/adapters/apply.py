@@ -38,11 +38,12 @@ from ..checkpoint import TensorStore, open_store
 from ..detect import Family
 from .algorithms import parse_layer
 from .base import AdapterLayer, LayerSpec
-from .keys import KeyMap, Target, group_layers
+from .keys import KeyMap, Target, component_of, group_layers
 
 log = logging.getLogger("delta-sampling")
 
 _MAX_NAMES = 5
+_ADAPTER_FIX = "Use a LoRA/LyCORIS file (LoRA, LoCon, LoHa, LoKr, DoRA, full or norm differences)"
 
 
 @dataclass
@@ -65,20 +66,32 @@ class LoadedAdapter:
     unmatched: list[str] = field(default_factory=list)
 
     def describe(self) -> dict:
-        algorithms = Counter(a.layer.algorithm + ("+dora" if a.layer.dora else "") for a in self.layers)
-        ranks = sorted({a.layer.rank for a in self.layers if a.layer.rank is not None})
-        components = Counter(a.target.component for a in self.layers)
-        return {
-            "name": self.name,
-            "file": str(self.path) if self.path else None,
-            "family": self.family,
-            "format": ", ".join(f"{k} x{v}" for k, v in algorithms.most_common()),
+        summary = _summary([(a.layer, a.target.component) for a in self.layers])
+        return {"name": self.name, "file": str(self.path) if self.path else None, "family": self.family, **summary,
+                "unmatched": len(self.unmatched), "unet_multiplier": self.unet_multiplier,
+                "te_multiplier": self.te_multiplier}
+
+
+def _summary(layers: list[tuple[AdapterLayer, str | None]]) -> dict:
+    """Algorithms (with counts), rank(s) and touched modules per component, for infotext and `inspect`."""
+    algorithms = Counter(layer.algorithm + ("+dora" if layer.dora else "") for layer, _ in layers)
+    ranks = sorted({layer.rank for layer, _ in layers if layer.rank is not None})
+    return {"format": ", ".join(f"{k} x{v}" for k, v in algorithms.most_common()),
             "rank": ranks[0] if len(ranks) == 1 else ranks,
-            "modules": dict(components),
-            "unmatched": len(self.unmatched),
-            "unet_multiplier": self.unet_multiplier,
-            "te_multiplier": self.te_multiplier,
-        }
+            "modules": dict(Counter(component or "unprefixed" for _, component in layers))}
+
+
+def describe_adapter_file(source: str | Path | TensorStore) -> dict:
+    """What an adapter file holds, without a model: every layer parsed (so bad values are errors),
+    algorithms, ranks, layers per component, the family its shapes point to, unknown keys."""
+    store = source if isinstance(source, TensorStore) else open_store(source)
+    groups, unknown = group_layers(store.keys())
+    if not groups:
+        raise ModelFileError(store.path or "adapter", "holds no adapter layers this runtime knows", _ADAPTER_FIX)
+    layers = [(parse_layer({s: store.tensor(k) for s, k in parts.items()}, name, store.path), component_of(name))
+              for name, parts in groups.items()]
+    return {"file": str(store.path) if store.path else None, "family": guess_family(store, groups),
+            **_summary(layers), "layers": len(groups), "unknown keys": len(unknown)}
 
 
 def layer_spec(components: dict[str, nn.Module], target: Target) -> LayerSpec:
@@ -107,8 +120,7 @@ def _hook_module(components: dict[str, nn.Module], target: Target) -> nn.Module:
 
 def guess_family(store: TensorStore, groups: dict[str, dict[str, str]]) -> str | None:
     """The family an adapter was trained for, from its key names and the cross-attention width."""
-    names = list(groups)
-    if any(n.startswith(("lora_te2_", "text_encoder_2.", "lycoris_te2_")) for n in names):
+    if any(component_of(name) == "te2" for name in groups):
         return "SDXL"
     widths = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 1280: "SDXL refiner"}
     for name, parts in groups.items():
@@ -151,8 +163,7 @@ class AdapterSet:
         label = name or (path.stem if path else "adapter")
         groups, unknown = group_layers(store.keys())
         if not groups:
-            raise ModelFileError(path or label, "holds no adapter layers this runtime knows (LoRA, LoCon, LoHa, LoKr, "
-                                 "DoRA, full or norm differences)", "Check that this is a LoRA/LyCORIS file")
+            raise ModelFileError(path or label, "holds no adapter layers this runtime knows", _ADAPTER_FIX)
         family = guess_family(store, groups)
         adapter = LoadedAdapter(label, path, float(unet_multiplier), float(te_multiplier), family,
                                 unmatched=list(unknown))

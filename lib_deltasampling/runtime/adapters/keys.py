@@ -317,6 +317,12 @@ class KeyMap:
         return None
 
 
+def component_of(layer_name: str) -> str | None:
+    """"unet", "te1" or "te2" from a layer name's prefix alone (no model needed), or None if unprefixed."""
+    name = _strip_peft_wrapper(layer_name)
+    return next((component for prefix, component, _ in _PREFIXES if name.startswith(prefix)), None)
+
+
 def _strip_peft_wrapper(name: str) -> str:
     """PEFT wraps the model it adapts: `base_model.model.<path>`."""
     wrapper = "base_model.model."

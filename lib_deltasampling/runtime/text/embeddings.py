@@ -133,18 +133,32 @@ def load_embedding(path: str | Path, family: str, encoder_widths: Mapping[str, i
     """
     path = Path(path)
     family = getattr(family, "value", family)
+    name, data, vectors, fmt = _read_embedding(path)
+    _check_fits(vectors, path, family, encoder_widths)
+    n = next(iter(vectors.values())).shape[0] if isinstance(vectors, dict) else vectors.shape[0]
+    meta = {k: data[k] for k in ("step", "sd_checkpoint", "sd_checkpoint_name")
+            if isinstance(data, Mapping) and isinstance(data.get(k), (str, int, float)) and not isinstance(data.get(k), bool)}
+    return Embedding(name, vectors, path, family, n, fmt, meta)
+
+
+def describe_embedding_file(path: str | Path) -> dict[str, object]:
+    """What an embedding file holds, without a model (for `inspect`): name, layout, vectors, family."""
+    path = Path(path)
+    name, _, vectors, fmt = _read_embedding(path)
+    n = next(iter(vectors.values())).shape[0] if isinstance(vectors, dict) else vectors.shape[0]
+    return {"name": name, "file": str(path), "format": fmt, "vectors": n, "made for": describe_widths(vectors),
+            "hash": file_sha256(path)[:SHORTHASH_LEN]}
+
+
+def _read_embedding(path: Path) -> tuple[str, object, EmbeddingVectors, str]:
+    """(name, raw data, vectors, format) of an embedding file, not yet checked against a model."""
     if not path.is_file():
         raise ModelFileError(path, "file not found", "Check the embedding's name and folder")
     if path.stat().st_size == 0:
         raise ModelFileError(path, "the file is empty", "Download it again")
     name, data, fmt = _read_data(path)
     vectors, layout = _vectors_from_data(data, path)
-    fmt = fmt or layout
-    _check_fits(vectors, path, family, encoder_widths)
-    n = next(iter(vectors.values())).shape[0] if isinstance(vectors, dict) else vectors.shape[0]
-    meta = {k: data[k] for k in ("step", "sd_checkpoint", "sd_checkpoint_name")
-            if isinstance(data, Mapping) and isinstance(data.get(k), (str, int, float)) and not isinstance(data.get(k), bool)}
-    return Embedding(name, vectors, path, family, n, fmt, meta)
+    return name, data, vectors, fmt or layout
 
 
 def _read_data(path: Path) -> tuple[str, object, str | None]:
