@@ -56,7 +56,6 @@ OPENCLIP_OF_HF = {
 def ref_delta(group: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """The weight difference a group defines, straight from the formats (no runtime code)."""
     g = {k: v.double() for k, v in group.items()}
-    out = shape[0]
     if "lora_down.weight" in g:
         down, up = g["lora_down.weight"], g["lora_up.weight"]
         rank = down.shape[0]
