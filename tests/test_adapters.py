@@ -389,3 +389,18 @@ def test_hooks_are_removed_even_when_the_forward_fails(sd1, tmp_path):
             pair.denoise(torch.zeros(1, 4, 8, 7, 1), torch.ones(1), conds)  # a 5-D latent fails inside the UNet
     assert not adapters.attached
     assert not any(m._forward_hooks for c in sd1.components().values() for m in c.modules())
+
+
+def test_text_encoder_parts_change_only_the_adapted_encoding(sd1, tmp_path):
+    source = factories.checkpoint_tensors("sd1", seed=5)
+    adapter, _ = build_adapter("sd1", "kohya", "lora", source)
+    te_only = {k: v for k, v in adapter.items() if k.startswith("lora_te_")}
+    save_file(te_only, str(tmp_path / "te.safetensors"))
+    adapters = AdapterSet(sd1.components(), sd1.family)
+    adapters.add(tmp_path / "te.safetensors")
+    with_te = SourcePair(sd1, adapters).encode(PROMPTS, ["", "ugly"], PROMPTS, ["", "ugly"], width=64, height=64)
+    plain = SourcePair(sd1).encode(PROMPTS, ["", "ugly"], PROMPTS, ["", "ugly"], width=64, height=64)
+    assert torch.equal(with_te.base["context"], plain.base["context"])          # base branches untouched
+    assert torch.equal(plain.adapted["context"], plain.base["context"])         # same prompts, no adapter
+    assert (with_te.adapted["context"] - plain.adapted["context"]).abs().max() > 1e-2
+    assert not adapters.attached  # encoding attaches the hooks only while it runs
