@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from diffusers.models.embeddings import get_timestep_embedding
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
 import factory_text as ft
+from references import BOS, EOS, hf_clip_l, hf_openclip
 from lib_deltasampling.errors import ModelFileError, SettingError, UserError
 from lib_deltasampling.runtime.checkpoint import TensorStore
 from lib_deltasampling.runtime.text.encode import Conditioning, load_text_stack, pad_after_eos, sdxl_adm_vector
@@ -25,7 +25,6 @@ from lib_deltasampling.runtime.text.prompt import TokenizedPrompt
 from lib_deltasampling.runtime.text.tokenizer import ClipTokenizer
 from vocab import clip_vocab_path
 
-BOS, EOS = 49406, 49407
 TOL = 1e-4
 
 
@@ -54,35 +53,6 @@ def rand_tokens(n: int, seed: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- references
-
-def hf_config(width: int, layers: int, act: str, projection: int | None = None) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=ft.VOCAB, hidden_size=width, intermediate_size=4 * width,
-                          num_hidden_layers=layers, num_attention_heads=width // 64, max_position_embeddings=77,
-                          hidden_act=act, layer_norm_eps=1e-5, projection_dim=projection or width,
-                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=1)
-
-
-def hf_clip_l(state: dict, prefix: str) -> CLIPTextModel:
-    """HF layout: the file's tensors as they are (transformers 5 drops the `text_model.` level)."""
-    m = CLIPTextModel._from_config(hf_config(*ft.CLIP_L, "quick_gelu"), attn_implementation="eager")
-    sd = {k[len(prefix) + len("text_model."):]: v for k, v in state.items()
-          if k.startswith(prefix) and not k.endswith("position_ids")}
-    m.load_state_dict(sd, strict=True)
-    return m.eval()
-
-
-def hf_openclip(state: dict, prefix: str, size: tuple[int, int], projection: int | None):
-    """OpenCLIP layout converted by diffusers' own mapping (in_proj split into q/k/v, ...)."""
-    conv = convert_open_clip_checkpoint(None, state, prefix=prefix)
-    cfg = hf_config(*size, "gelu", projection)
-    if projection is None:
-        m = CLIPTextModel._from_config(cfg, attn_implementation="eager")
-        conv = {k[len("text_model."):]: v for k, v in conv.items()}
-    else:
-        m = CLIPTextModelWithProjection._from_config(cfg, attn_implementation="eager")
-    m.load_state_dict(conv, strict=True)
-    return m.eval()
-
 
 def hf_run(model, ids: torch.Tensor, replace: dict[tuple[int, int], torch.Tensor] | None = None):
     """Run a transformers model; `replace` {(row, position): vector} overrides token embeddings

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
 import factories
 import factory_text as ft
+from references import BOS, EOS, hf_clip_l, hf_openclip
 from lib_deltasampling.errors import ModelFileError
 from lib_deltasampling.runtime.model import load_model
 from lib_deltasampling.runtime.placement import Placement
@@ -35,7 +35,6 @@ from lib_deltasampling.runtime.text.embeddings import (EmbeddingLibrary, encoder
 from lib_deltasampling.runtime.text.tokenizer import ClipTokenizer
 
 CPU32 = Placement(torch.device("cpu"), torch.float32)
-BOS, EOS = 49406, 49407
 SEED = 5
 WL, WG = ft.CLIP_L[0], ft.CLIP_G[0]    # tiny CLIP-L and bigG widths (SD1 and SD2 are both 128 here)
 SD1_WIDTHS = {"clip_l": WL}
@@ -93,28 +92,6 @@ def a1111_png(path: Path, vec: torch.Tensor, name: str, zip_text: bool = False) 
 
 
 # ---------------------------------------------------------------- references (transformers)
-
-def hf_config(width: int, layers: int, act: str, projection: int | None = None) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=ft.VOCAB, hidden_size=width, intermediate_size=4 * width,
-                          num_hidden_layers=layers, num_attention_heads=width // 64, max_position_embeddings=77,
-                          hidden_act=act, layer_norm_eps=1e-5, projection_dim=projection or width,
-                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=1)
-
-
-def ref_clip_l(state: dict, prefix: str) -> CLIPTextModel:
-    m = CLIPTextModel._from_config(hf_config(*ft.CLIP_L, "quick_gelu"), attn_implementation="eager")
-    pre = prefix + "text_model."   # transformers 5 drops the `text_model.` level
-    m.load_state_dict({k[len(pre):]: v for k, v in state.items()
-                       if k.startswith(pre) and not k.endswith("position_ids")}, strict=True)
-    return m.eval()
-
-
-def ref_bigg(state: dict, prefix: str) -> CLIPTextModelWithProjection:
-    m = CLIPTextModelWithProjection._from_config(hf_config(*ft.CLIP_G, "gelu", ft.CLIP_G_PROJ),
-                                                 attn_implementation="eager")
-    m.load_state_dict(convert_open_clip_checkpoint(None, state, prefix=prefix), strict=True)
-    return m.eval()
-
 
 def run_with_rows(model, ids: list[int], rows: dict[int, torch.Tensor]):
     """Run the text model on one row of ids; token-embedding outputs at positions `rows` are
@@ -327,7 +304,7 @@ def test_sd1_prompt_with_embedding_equals_transformers_with_replaced_rows(tmp_pa
 
     state = factories.checkpoint_tensors("sd1", SEED)
     ids, slots = prompt_ids(tokenizer, "a photo of", 2, pad=EOS)
-    ref = run_with_rows(ref_clip_l(state, "cond_stage_model.transformer."), ids, dict(zip(slots, vec)))
+    ref = run_with_rows(hf_clip_l(state, "cond_stage_model.transformer."), ids, dict(zip(slots, vec)))
     close(got, ref.last_hidden_state)             # SD1: last layer with final norm (Clip skip 1)
     plain = model.encode([prompt], width=64, height=64)["context"]  # the name as ordinary words
     assert (plain - got).abs().max() > 1e-2
@@ -344,8 +321,8 @@ def test_sdxl_clip_l_vectors_go_to_clip_l_and_clip_g_to_bigg(tmp_path, models, t
     state = factories.checkpoint_tensors("sdxl", SEED)
     ids_l, slots = prompt_ids(tokenizer, "a photo of", 3, pad=EOS)
     ids_g, _ = prompt_ids(tokenizer, "a photo of", 3, pad=0)      # OpenCLIP pads with 0
-    out_l = run_with_rows(ref_clip_l(state, "conditioner.embedders.0.transformer."), ids_l, dict(zip(slots, clip_l)))
-    out_g = run_with_rows(ref_bigg(state, "conditioner.embedders.1.model."), ids_g, dict(zip(slots, clip_g)))
+    out_l = run_with_rows(hf_clip_l(state, "conditioner.embedders.0.transformer."), ids_l, dict(zip(slots, clip_l)))
+    out_g = run_with_rows(hf_openclip(state, "conditioner.embedders.1.model.", ft.CLIP_G, ft.CLIP_G_PROJ), ids_g, dict(zip(slots, clip_g)))
     close(got.context[..., :WL], out_l.hidden_states[-2])    # CLIP-L penultimate, no final norm
     close(got.context[..., WL:], out_g.hidden_states[-2])    # bigG penultimate
     close(got.pooled, out_g.text_embeds)                     # pooled sees the clip_g rows too

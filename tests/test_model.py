@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import factories
+from references import hf_clip_l
 from lib_deltasampling.errors import ModelFileError
 from lib_deltasampling.runtime.checkpoint import open_store
 from lib_deltasampling.runtime.detect import Family
@@ -48,22 +49,13 @@ def test_each_family_loads_and_predicts(files, tokenizer, family):
 def test_sd1_end_to_end_matches_transformers_and_diffusers(files, tokenizer):
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     model = load_model(files["sd1"], placement=CPU32, tokenizer=tokenizer, prediction="eps")
     tensors = factories.checkpoint_tensors("sd1", seed=3)
     cfg = factories.unet_config("sd1")
 
     # text: HF CLIPTextModel on the same weights; ids built by hand the A1111 way (BOS, tokens, EOS, EOS-padding)
-    prefix = "cond_stage_model.transformer.text_model."  # transformers 5 has no `text_model.` level
-    hf_sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and not k.endswith("position_ids")}
-    width = hf_sd["embeddings.token_embedding.weight"].shape[1]
-    layers = 1 + max(int(k.split(".")[2]) for k in hf_sd if k.startswith("encoder.layers."))
-    text_ref = CLIPTextModel._from_config(
-        CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=width * 4, num_hidden_layers=layers,
-                       num_attention_heads=width // 64, max_position_embeddings=77, hidden_act="quick_gelu"),
-        attn_implementation="eager").eval()
-    text_ref.load_state_dict(hf_sd, strict=True)
+    text_ref = hf_clip_l(tensors, "cond_stage_model.transformer.")
     prompt = "a photo of a cat"
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt) + [tokenizer.eos_id]
     ids += [tokenizer.eos_id] * (77 - len(ids))
