@@ -1,0 +1,47 @@
+"""lambda(step): the delta's weight at each sampling step, computed once per generation.
+
+scale x window [start, end) over the step fractions i / steps x shape within the window:
+constant 1; linear 1 - p; cosine (1 + cos(pi p)) / 2, with p = (i/steps - start) / (end - start)
+in [0, 1). Outside the window the weight is exactly 0 and no source model runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+SHAPES = ("constant", "linear", "cosine")
+
+
+def window_position(step: int, steps: int, start: float, end: float) -> float | None:
+    """Where step i lies in the window, as p in [0, 1), or None outside it."""
+    fraction = step / steps
+    if not (start <= fraction < end):
+        return None
+    return (fraction - start) / (end - start)
+
+
+def shape_weight(shape: str, p: float) -> float:
+    if shape == "constant":
+        return 1.0
+    if shape == "linear":
+        return 1.0 - p
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    raise ValueError(f"unknown schedule shape {shape!r}; expected one of {SHAPES}")
+
+
+def step_weights(steps: int, scale: float, start: float, end: float, shape: str) -> list[float]:
+    """lambda for steps 0 .. steps-1 (plain Python floats: no device tensors on the step path)."""
+    weights = []
+    for i in range(steps):
+        p = window_position(i, steps, start, end)
+        weights.append(0.0 if p is None else scale * shape_weight(shape, p))
+    return weights
+
+
+def compute_steps(steps: int, start: float, end: float, reuse: int) -> list[bool]:
+    """Which steps run the source models: every `reuse`-th step of the window, counted from its
+    first step; the steps in between reuse the last delta."""
+    inside = [window_position(i, steps, start, end) is not None for i in range(steps)]
+    first = next((i for i, v in enumerate(inside) if v), None)
+    return [v and (i - first) % reuse == 0 for i, v in enumerate(inside)] if first is not None else inside
