@@ -1,0 +1,196 @@
+"""Per-step cost of Delta Sampling against the target alone, and against the ideal.
+
+    python bench/bench_engine.py --out results.json           # CUDA, fp16, full-size random-weight models
+    python bench/bench_engine.py --tiny --out tiny.json       # CPU smoke run
+
+Cases (issue 4), 20 Euler steps, image batch 1, CFG on both sides:
+  (a) SD1.5-architecture target at 512x512, SD1.5 source + rank-32 LoRA (one fused batch-4 source forward)
+  (b) SDXL target at 1024x1024, SD1.5 source, source resolution `target` and `native`
+Per step: target-only time, Delta Sampling time, and the ideal = target CFG forward + source forward,
+each timed standalone with the same shapes. Overhead = DS / ideal - 1 (goal <= 5%). Peak VRAM of DS
+over the target alone (goal at 512: <= source weights + 1 GB). Conditioning is random (text encoders are
+not part of the step); everything else is the real engine path (DeltaSampler, SourcePair, adapters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_adapters import SD15, TINY, lora_tensors, random_unet  # noqa: E402
+from lib_deltasampling.engine.sampler import DeltaParams, DeltaSampler, Segment  # noqa: E402
+from lib_deltasampling.runtime.adapters.apply import AdapterSet  # noqa: E402
+from lib_deltasampling.runtime.checkpoint import TensorStore  # noqa: E402
+from lib_deltasampling.runtime.denoiser import Denoiser, DiscreteSchedule, Prediction  # noqa: E402
+from lib_deltasampling.runtime.detect import Family, ModelInfo  # noqa: E402
+from lib_deltasampling.runtime.model import SourceModel  # noqa: E402
+from lib_deltasampling.runtime.pair import PairConditioning, SourcePair  # noqa: E402
+from lib_deltasampling.runtime.placement import Placement  # noqa: E402
+from lib_deltasampling.runtime.unet_config import UNetConfig  # noqa: E402
+
+SDXL = UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2),
+                  transformer_depth=(0, 0, 2, 2, 10, 10), transformer_depth_output=(0, 0, 0, 2, 2, 2, 10, 10, 10),
+                  transformer_depth_middle=10, context_dim=2048, num_head_channels=64, use_linear_in_transformer=True,
+                  adm_in_channels=2816)
+TINY_XL = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1),
+                     transformer_depth=(0, 1), transformer_depth_output=(0, 0, 1, 1), transformer_depth_middle=1,
+                     context_dim=64, num_head_channels=32, use_linear_in_transformer=True, adm_in_channels=96)
+
+
+class _NoText:
+    encoders: list = []
+
+
+def model_of(config: UNetConfig, family: Family, placement: Placement) -> SourceModel:
+    unet = random_unet(config, placement.device, placement.dtype)
+    info = ModelInfo(None, family, "eps", "bench", config, False)
+    denoiser = Denoiser(unet, Prediction.EPS, DiscreteSchedule(), net_dtype=placement.dtype)
+    return SourceModel(info, unet, _NoText(), denoiser, placement)
+
+
+def random_cond(model: SourceModel, rows: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    c = model.info.unet
+    p = model.placement
+    cond = {"context": torch.randn(rows, 77, c.context_dim, generator=g, device=p.device).to(p.dtype)}
+    if c.adm_in_channels:
+        cond["y"] = torch.randn(rows, c.adm_in_channels, generator=g, device=p.device).to(p.dtype)
+    return cond
+
+
+def events(cuda: bool):
+    if cuda:
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    return None, None
+
+
+def time_ms(fn, repeats: int, cuda: bool) -> float:
+    import time
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_gib(fn, cuda: bool) -> float:
+    if not cuda:
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[int, int], resolution: str,
+             lora: bool, steps: int, repeats: int, cuda: bool) -> dict:
+    p = target.placement
+    g = torch.Generator(device=p.device).manual_seed(0)
+    adapters = None
+    if lora:
+        adapters = AdapterSet(source.components(), source.family)
+        adapters.add(TensorStore.from_dict(lora_tensors(source.unet, 32)), name="bench-lora")
+    pair = SourcePair(source, adapters)
+    sched = DiscreteSchedule()
+    sigmas = torch.cat([sched.t_to_sigma(torch.linspace(999, 0, steps)), torch.zeros(1)]).to(p.device)
+    noise = torch.randn(1, 4, *latent, generator=g, device=p.device)
+    target_cond = {k: v for k, v in random_cond(target, 2, g).items()}
+    params = DeltaParams(scale=1.0, resolution=resolution)
+    # The source's conditioning: [base_u, base_c, adapted_u, adapted_c], random (text encoders are not timed).
+    src = random_cond(source, 4, g)
+    conds = PairConditioning({k: v[:2] for k, v in src.items()}, {k: v[2:] for k, v in src.items()}, 2, 2, 1, src)
+    sampler = DeltaSampler(pair, [Segment(steps, conds)], params, steps=steps, cfg_scale=7.0,
+                           target_scale=target.latent_scale, noise=noise, noise_multiplier=sigmas[0].item(),
+                           sigma0=sigmas[0].item())
+    from lib_deltasampling.engine.bridge import NATIVE_PIXELS, native_latent_size
+    if resolution == "native":
+        sampler.source_size = native_latent_size(*latent, NATIVE_PIXELS["sd1"])
+    source_latent = sampler.source_size
+    sig = [sigmas[i:i + 1] for i in range(steps + 1)]  # per-step views made once: no host work in the loop
+
+    def target_denoised(x, i):
+        both = target.denoise(x.repeat(2, 1, 1, 1), sig[i].repeat(2), target_cond)
+        u, c = both.chunk(2)
+        return u + 7.0 * (c - u)
+
+    def loop(with_delta: bool):
+        x = noise * sigmas[0]
+        for i in range(steps):
+            d = target_denoised(x, i)
+            if with_delta:
+                d = sampler(x, sig[i], i, steps, d)
+            x = x + (x - d) / sig[i] * (sig[i + 1] - sig[i])  # Euler
+        return x
+
+    xs = torch.randn(1, 4, *source_latent, generator=g, device=p.device)
+    with torch.inference_mode(), sampler.running():
+        loop(True)  # warm-up
+        loop(False)
+        t_target = time_ms(lambda: loop(False), repeats, cuda) / steps
+        t_ds = time_ms(lambda: loop(True), repeats, cuda) / steps
+        f_target = time_ms(lambda: target_denoised(noise, 0), repeats * 5, cuda)
+        f_source = time_ms(lambda: pair.denoise(xs, sig[0], conds), repeats * 5, cuda)
+        peak_target = peak_gib(lambda: loop(False), cuda)
+        peak_ds = peak_gib(lambda: loop(True), cuda)
+    ideal = f_target + f_source
+    source_weights = sum(t.numel() * t.element_size() for t in source.unet.parameters()) / 2**30
+    return {"case": name, "latent": f"{latent[0]}x{latent[1]}", "source_latent": f"{source_latent[0]}x{source_latent[1]}",
+            "target_only_ms_per_step": t_target, "ds_ms_per_step": t_ds, "ratio_ds_over_target": t_ds / t_target,
+            "target_forward_ms": f_target, "source_forward_ms": f_source, "ideal_ms_per_step": ideal,
+            "overhead_vs_ideal": t_ds / ideal - 1, "peak_target_only_gib": peak_target, "peak_ds_gib": peak_ds,
+            "source_unet_weights_gib": source_weights,
+            # the source stays resident during the target-only loop too, so the increase over a target
+            # running alone is the activation difference plus the source's weights
+            "vram_increase_vs_target_alone_gib": peak_ds - peak_target + source_weights}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", nargs="+", default=["a", "b-target", "b-native"])
+    args = parser.parse_args()
+    cuda = not args.tiny and torch.cuda.is_available()
+    p = Placement(torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32)
+    sd15_cfg, sdxl_cfg = (TINY, TINY_XL) if args.tiny else (SD15, SDXL)
+    small, large = ((8, 8), (16, 16)) if args.tiny else ((64, 64), (128, 128))
+    rows = []
+    source = model_of(sd15_cfg, Family.SD1, p)
+    if "a" in args.cases:
+        target = model_of(sd15_cfg, Family.SD1, p)
+        rows.append(run_case("(a) SD1.5 target 512 + SD1.5 source + LoRA r32", target, source, small, "target",
+                             True, args.steps, args.repeats, cuda))
+        del target
+    target = model_of(sdxl_cfg, Family.SDXL, p)
+    for res in ("target", "native"):
+        if f"b-{res}" in args.cases:
+            rows.append(run_case(f"(b) SDXL target 1024 + SD1.5 source, {res}", target, source, large, res,
+                                 False, args.steps, args.repeats, cuda))
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "torch": torch.__version__, "dtype": str(p.dtype).removeprefix("torch."), "steps": args.steps,
+            "repeats": args.repeats, "tiny": args.tiny}
+    args.out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    for r in rows:
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
+
+
+if __name__ == "__main__":
+    main()
