@@ -86,19 +86,32 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_inspect = sub.add_parser("inspect", help="describe checkpoints, adapters (LoRA/LyCORIS) and embeddings")
     p_inspect.add_argument("files", nargs="+", type=Path)
+    p_generate = sub.add_parser("generate", help="generate images with Delta Sampling (target + source pair)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .runner.generate import add_arguments  # the flags come from the one settings definition
+    add_arguments(p_generate)
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             for path in args.files:
                 print("\n".join(inspect_file(path)))
+        elif args.command == "generate":
+            from .runner.generate import run
+            for path in run(args):
+                print(path)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # an internal error: the traceback is what a bug report needs
+        import traceback
+        traceback.print_exc()
+        print("error: internal error (above); please report it with the command you ran", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(main())

@@ -17,8 +17,9 @@ HOST_FREE = ["runtime", "engine", "runner"]
 FORBIDDEN = {"gradio", "modules", "diffusers", "transformers", "open_clip", "ldm", "sgm", "k_diffusion",
              "backend", "ldm_patched", "comfy", "regex", "einops", "yaml"}
 # The only relative imports allowed out of a host-free layer: errors, and layers below it.
-ALLOWED_RELATIVE = {"runtime": {"errors", "runtime"}, "engine": {"errors", "runtime", "engine"},
-                    "runner": {"errors", "runtime", "engine", "runner"}}
+# ("" is the package root, which holds only the version string.)
+ALLOWED_RELATIVE = {"runtime": {"", "errors", "runtime"}, "engine": {"", "errors", "runtime", "engine"},
+                    "runner": {"", "errors", "runtime", "engine", "runner"}}
 
 
 def _imports(path: Path, layer: str) -> list[tuple[int, str]]:

@@ -12,6 +12,7 @@ reading data, tensors on demand, and prefix views (`store.sub("model.diffusion_m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import pickle
@@ -116,6 +117,27 @@ class TensorStore:
             if k.startswith(self.prefix):
                 total += math.prod(shape) * torch.empty((), dtype=self._dtypes[k]).element_size()
         return total
+
+
+def file_sha256(path: str | Path, *, skip: int = 0) -> str:
+    """sha256 of a file (A1111 `hashes.calculate_sha256`), optionally of its bytes after `skip`."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(skip)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def addnet_hash(path: str | Path) -> str:
+    """A1111's LoRA hash ("Lora hashes" infotext, `hashes.addnet_hash_safetensors`): sha256 of a
+    .safetensors file's tensor data (after its header); other files hash whole."""
+    path = Path(path)
+    skip = 0
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        with path.open("rb") as f:
+            skip = 8 + struct.unpack("<Q", f.read(8))[0]
+    return file_sha256(path, skip=skip)
 
 
 def open_store(path: str | Path) -> TensorStore:

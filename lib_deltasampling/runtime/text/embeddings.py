@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import json
 import os
 import struct
@@ -38,7 +37,7 @@ from typing import Union
 import torch
 
 from ...errors import ModelFileError, UserError
-from ..checkpoint import SAFETENSORS_SUFFIXES, load_pickle_tree, open_store
+from ..checkpoint import SAFETENSORS_SUFFIXES, file_sha256, load_pickle_tree, open_store
 from .prompt import CHUNK_TOKENS, extract_extra_networks, parse_prompt_attention, tokenize_prompt
 from .tokenizer import ClipTokenizer, pre_tokenize, whitespace_clean
 
@@ -95,15 +94,6 @@ class Embedding:
         return {"name": self.name, "file": str(self.path), "format": self.format,
                 "family": FAMILY_LABELS.get(self.family, self.family), "vectors": self.n_vectors,
                 "widths": self.widths, "hash": self.shorthash, **self.meta}
-
-
-def file_sha256(path: Path) -> str:
-    """A1111 `hashes.calculate_sha256`: sha256 of the whole file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ti_hashes(embeddings: Iterable[Embedding]) -> str:

@@ -1,0 +1,303 @@
+"""`python -m lib_deltasampling generate`: Delta Sampling end to end, without a WebUI.
+
+    python -m lib_deltasampling generate --target sdxl.safetensors --source sd15.safetensors \\
+        --adapters "<lora:moxin:0.8> shuimobysim" --lora-dir models/Lora --scale 3 \\
+        --prompt "a fox in the snow" --steps 30 --cfg 5 --sampler "DPM++ 2M" --schedule-type Karras \\
+        --width 1024 --height 1024 --seed 42 --out fox.png --compare
+
+The target (any supported family) runs on the same runtime as the source pair. Each image is
+written as a PNG with an A1111-format `parameters` chunk: the WebUI's PNG Info reads it and the
+Delta Sampling settings paste back. Every Delta Sampling setting is a flag generated from the one
+settings definition (engine/settings.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..engine.infotext import ADAPTER_HASHES, ADAPTED_HASH, SOURCE_HASH, format_parameters, settings_to_infotext
+from ..engine.sampler import DeltaSampler
+from ..engine.settings import FIELDS, DeltaSettings
+from ..errors import SettingError, UserError
+from ..runtime.adapters.apply import AdapterSet
+from ..runtime.adapters.tags import adapter_requests
+from ..runtime.checkpoint import addnet_hash, file_sha256, open_store
+from ..runtime.detect import Family
+from ..runtime.model import Cond, SourceModel, load_model
+from ..runtime.pair import SourcePair
+from ..runtime.placement import choose_placement
+from ..runtime.text.embeddings import EmbeddingLibrary
+from ..runtime.text.prompt import extract_extra_networks
+from ..runtime.text.tokenizer import ClipTokenizer
+from ..runtime.vae import load_vae_decoder, open_vae, to_uint8_images
+from .png import write_png
+from .sampling import (SAMPLERS, SCHEDULES, ImageNoise, fixed_seed, get_sigmas, image_seeds, infotext_schedule,
+                       initial_noise_multiplier, latent_shape, parse_sampler)
+
+ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+# Settings given by their own flags (paths) or implied by running `generate`.
+_NOT_FLAGS = {"enabled", "source_checkpoint", "adapted_checkpoint"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_argument_group("models")
+    models.add_argument("--target", type=Path, required=True, help="the model you generate with (SD1.x, SD2.x, SDXL)")
+    models.add_argument("--source", type=Path, required=True, help="the source base checkpoint the adaptation was made for")
+    models.add_argument("--adapted", type=Path, help="an adapted (fine-tuned) checkpoint of the source's family")
+    models.add_argument("--vae", type=Path, help="VAE file for decoding (default: the target checkpoint's own)")
+    models.add_argument("--lora-dir", type=Path, action="append", default=[], help="folder to find <lora:NAME> files in")
+    models.add_argument("--embeddings-dir", type=Path, action="append", default=[], help="textual-inversion folder")
+    models.add_argument("--prediction", default="auto", help="target prediction type: auto, eps or v")
+    models.add_argument("--source-prediction", default="auto", help="source prediction type: auto, eps or v")
+    models.add_argument("--vocab", type=Path, action="append", default=[], help="CLIP vocabulary file or folder")
+    models.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    models.add_argument("--dtype", default="auto", help="auto, fp16, bf16 or fp32")
+
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--prompt", default="", help="the prompt (extra-network tags are removed)")
+    gen.add_argument("--negative", default="", help="the negative prompt")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=7.0, help="CFG scale of the target (and of the source unless set)")
+    gen.add_argument("--sampler", default="Euler", help=f"one of: {', '.join(SAMPLERS)}")
+    gen.add_argument("--schedule-type", default="Automatic", help=f"one of: {', '.join(SCHEDULES)}")
+    gen.add_argument("--timesteps", default="interpolate", choices=("interpolate", "nearest"),
+                     help="sigma -> timestep: interpolate (A1111) or nearest (Forge, ComfyUI)")
+    gen.add_argument("--seed", type=int, default=-1, help="-1: random")
+    gen.add_argument("--width", type=int, default=512)
+    gen.add_argument("--height", type=int, default=512)
+    gen.add_argument("--batch", type=int, default=1, help="images generated together")
+    gen.add_argument("--out", type=Path, default=Path("delta.png"), help="PNG to write (NAME-1.png ... for a batch)")
+    gen.add_argument("--compare", action="store_true", help="also write NAME-nodelta.png: the target alone")
+    gen.add_argument("--latent-out", type=Path, help="save the final latents as .safetensors")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ds = parser.add_argument_group("Delta Sampling (the same settings as the WebUI accordion)")
+    for spec in FIELDS:
+        if spec.name in _NOT_FLAGS:
+            continue
+        extra = f" (one of: {', '.join(spec.choices)})" if spec.kind == "choice" else ""
+        ds.add_argument(_flag(spec.name), dest=f"ds_{spec.name}", default=None, metavar=spec.kind.upper(),
+                        help=f"{spec.tooltip} Default: {spec.format(spec.default)}{extra}")
+
+
+def settings_from_args(args: argparse.Namespace) -> DeltaSettings:
+    values: dict[str, object] = {"enabled": True, "source_checkpoint": args.source.name,
+                                 "adapted_checkpoint": args.adapted.name if args.adapted else ""}
+    for spec in FIELDS:
+        raw = getattr(args, f"ds_{spec.name}", None)
+        if raw is not None:
+            values[spec.name] = spec.parse(raw, source="command-line")
+    return DeltaSettings.from_dict(values, source="command-line")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1)):
+        if value < low:
+            raise SettingError(name, f"{value} is below {low}", f"Use {low} or more")
+    for name, value in (("--width", args.width), ("--height", args.height)):
+        if value < 64 or value % 8:
+            raise SettingError(name, f"{value} is not a multiple of 8 of at least 64", "Use e.g. 512, 768 or 1024")
+    if not (args.cfg == args.cfg and abs(args.cfg) < 100):
+        raise SettingError("--cfg", f"{args.cfg} is not a usable CFG scale", "Use a value such as 7")
+
+
+def find_adapter(name: str, folders: list[Path]) -> Path:
+    """A `<lora:NAME>` file: NAME as a path, else NAME + a known suffix in the folders (recursively)."""
+    direct = Path(name)
+    if direct.is_file():
+        return direct
+    for folder in folders:
+        for suffix in ADAPTER_SUFFIXES:
+            hits = sorted(folder.rglob(name + suffix)) if folder.is_dir() else []
+            if hits:
+                return hits[0]
+    where = ", ".join(str(f) for f in folders) or "no --lora-dir given"
+    raise UserError(f"adapter <lora:{name}>", f"no file named {name}{{{','.join(ADAPTER_SUFFIXES)}}} was found (looked in: {where})",
+                    "Pass --lora-dir with the folder that holds it, or give the file's path as the name")
+
+
+@dataclass
+class Prompts:
+    target: list[str]
+    target_negative: list[str]
+    base: list[str]
+    base_negative: list[str]
+    adapted: list[str]
+    adapted_negative: list[str]
+
+
+def build_prompts(settings: DeltaSettings, prompt: str, negative: str, batch: int) -> tuple[Prompts, list]:
+    """Prompts per branch, as the WebUI extension will build them: extra-network tags never reach a text
+    encoder; the source uses its override or the host's prompt; the adapted prompt adds the adapter
+    text's words (trigger words, embedding names); the adapter tags choose the adapters."""
+    host, host_tags = extract_extra_networks(prompt)
+    host_negative, _ = extract_extra_networks(negative)
+    if host_tags:
+        print(f"note: extra-network tags in --prompt are ignored by the runner's target: "
+              f"{', '.join('<' + t.network + ':' + ':'.join(t.items) + '>' for t in host_tags)}", file=sys.stderr)
+    base = extract_extra_networks(settings.source_prompt)[0] if settings.source_prompt else host
+    base_negative = extract_extra_networks(settings.source_negative)[0] if settings.source_negative else host_negative
+    words, requests = adapter_requests(settings.adapters)
+    words = " ".join(words.split())
+    adapted = f"{base}, {words}" if base and words else (base or words)
+    return Prompts([host] * batch, [host_negative] * batch, [base] * batch, [base_negative] * batch,
+                   [adapted] * batch, [base_negative] * batch), requests
+
+
+def cfg_conditioning(model: SourceModel, prompts: list[str], negatives: list[str], width: int, height: int) -> Cond:
+    """[uncond rows, cond rows] in one batch, token lengths padded to match (A1111's pad option)."""
+    cond = model.text.encode(prompts)
+    uncond = model.text.encode(negatives, negative=True)
+    chunks = max(cond.context.shape[1], uncond.context.shape[1]) // 77
+    cond, uncond = model.text.pad_to_chunks(cond, chunks), model.text.pad_to_chunks(uncond, chunks)
+    u, c = model.cond_from(uncond, width=width, height=height), model.cond_from(cond, width=width, height=height)
+    return {k: torch.cat([u[k], c[k]]) for k in u}
+
+
+class Progress:
+    def __init__(self, total: int, label: str, quiet: bool) -> None:
+        self.total, self.label, self.quiet, self.start = total, label, quiet, time.perf_counter()
+
+    def __call__(self, step: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        if self.quiet:
+            return
+        done = step + 1
+        bar = "#" * (24 * done // self.total)
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        end = "\n" if done == self.total else ""
+        print(f"\r{self.label} [{bar:<24}] {done}/{self.total} {rate:.2f} it/s", end=end, file=sys.stderr, flush=True)
+
+
+def _output_paths(out: Path, batch: int, suffix: str = "") -> list[Path]:
+    if batch == 1:
+        return [out.with_name(out.stem + suffix + ".png")]
+    return [out.with_name(f"{out.stem}-{i + 1}{suffix}.png") for i in range(batch)]
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    _check_args(args)
+    settings = settings_from_args(args)
+    prompts, requests = build_prompts(settings, args.prompt, args.negative, args.batch)
+    sampler, schedule = parse_sampler(args.sampler, args.schedule_type)
+    placement = choose_placement(args.device, args.dtype)
+    for path in (args.target, args.source, args.adapted, args.vae):
+        if path is not None and not path.is_file():
+            raise UserError(str(path), "file not found", "Check the path")
+
+    tokenizer = ClipTokenizer.find(args.vocab)
+    target = load_model(args.target, prediction=args.prediction, placement=placement, tokenizer=tokenizer,
+                        timestep_mode=args.timesteps)
+    vae = load_vae_decoder(open_vae(args.vae) if args.vae else open_store(args.target), placement.device)
+    source = load_model(args.source, prediction=args.source_prediction, placement=placement, tokenizer=tokenizer,
+                        timestep_mode=args.timesteps)
+    adapted = (load_model(args.adapted, prediction=args.source_prediction, placement=placement, tokenizer=tokenizer,
+                          timestep_mode=args.timesteps) if args.adapted else None)
+    adapted_model = adapted or source
+    adapters = AdapterSet(adapted_model.components(), adapted_model.family, source_name=args.source.name)
+    adapter_files = []
+    for request in requests:
+        path = find_adapter(request.name, args.lora_dir)
+        adapters.add(path, name=request.name, unet_multiplier=request.unet_multiplier,
+                     te_multiplier=request.te_multiplier)
+        adapter_files.append((request.name, path))
+    pair = SourcePair(source, adapters, adapted)
+    library = EmbeddingLibrary.for_text_stack(args.embeddings_dir, source.text) if args.embeddings_dir else None
+
+    seeds = image_seeds(fixed_seed(args.seed), args.batch)
+    sigmas = get_sigmas(schedule, args.steps, target.denoiser.schedule, sampler=sampler,
+                        sdxl=target.family is Family.SDXL)
+    steps = len(sigmas) - 1
+    c0 = initial_noise_multiplier(sigmas)
+    cfg_cond = cfg_conditioning(target, prompts.target, prompts.target_negative, args.width, args.height)
+
+    def generate(with_delta: bool, label: str) -> torch.Tensor:
+        noise_source = ImageNoise(seeds, latent_shape(args.width, args.height), placement.device)
+        noise = noise_source.first()
+        delta = None
+        if with_delta:
+            delta = DeltaSampler.prepare(
+                pair, settings.to_params(), prompts=prompts.base, negative_prompts=prompts.base_negative,
+                adapted_prompts=prompts.adapted, adapted_negative_prompts=prompts.adapted_negative, steps=steps,
+                cfg_scale=args.cfg, target_scale=target.latent_scale, noise=noise, noise_multiplier=c0,
+                sigma0=float(sigmas[0]),
+                embeddings=library.for_prompt(prompts.base) if library else {},
+                adapted_embeddings=library.for_prompt(prompts.adapted) if library else {})
+
+        def model(x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
+            both = target.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), cfg_cond)
+            uncond, cond = both.chunk(2)
+            denoised = uncond + args.cfg * (cond - uncond)
+            return delta(x, sigma, step, steps, denoised) if delta is not None else denoised
+
+        x = noise * c0
+        with torch.inference_mode(), (delta.running() if delta else _null()):
+            return sampler(model, x, sigmas.to(placement.device), callback=Progress(steps, label, args.quiet),
+                           noise_sampler=noise_source.noise_sampler())
+
+    latents = generate(True, "delta")
+    params = _infotext(args, settings, sampler, schedule, steps, adapter_files)
+    written = _write_images(vae, target, latents, prompts, seeds, params, _output_paths(args.out, args.batch))
+    if args.compare:
+        plain = {k: v for k, v in params.items() if not k.startswith("Delta ")}
+        written += _write_images(vae, target, generate(False, "target"), prompts, seeds, plain,
+                                 _output_paths(args.out, args.batch, "-nodelta"))
+    if args.latent_out:
+        from safetensors.torch import save_file
+        save_file({"latent": latents.float().cpu().contiguous()}, str(args.latent_out),
+                  metadata={"parameters": format_parameters(prompts.target[0], prompts.target_negative[0],
+                                                            {**params, "Seed": seeds[0]})})
+        written.append(args.latent_out)
+    return written
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _short(path: Path, n: int = 10) -> str:
+    return file_sha256(path)[:n]
+
+
+def _infotext(args, settings: DeltaSettings, sampler, schedule, steps: int, adapter_files) -> dict[str, object]:
+    """The A1111 `parameters` fields (order as `processing.create_infotext`), Delta Sampling keys included."""
+    extra = {SOURCE_HASH: _short(args.source)}
+    if args.adapted:
+        extra[ADAPTED_HASH] = _short(args.adapted)
+    if adapter_files:
+        from ..engine.infotext import format_hashes
+        extra[ADAPTER_HASHES] = format_hashes({name: addnet_hash(path)[:12] for name, path in adapter_files})
+    params: dict[str, object] = {
+        "Steps": steps, "Sampler": sampler.name, "Schedule type": infotext_schedule(schedule, sampler),
+        "CFG scale": args.cfg, "Seed": None, "Size": f"{args.width}x{args.height}",
+        "Model hash": _short(args.target), "Model": args.target.stem,
+    }
+    if args.vae:
+        params.update({"VAE hash": _short(args.vae), "VAE": args.vae.name})
+    params.update(settings_to_infotext(settings, extra=extra))
+    params["Version"] = f"lib_deltasampling {__version__}"
+    return params
+
+
+def _write_images(vae, target: SourceModel, latents: torch.Tensor, prompts: Prompts, seeds: list[int],
+                  params: dict[str, object], paths: list[Path]) -> list[Path]:
+    images = to_uint8_images(vae.decode(latents, scale=target.latent_scale))
+    for i, (image, path) in enumerate(zip(images, paths)):
+        text = format_parameters(prompts.target[i], prompts.target_negative[i], {**params, "Seed": seeds[i]})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_png(path, image, text)
+    return paths
