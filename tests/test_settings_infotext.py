@@ -69,12 +69,16 @@ def test_field_specs_are_complete_and_consistent():
     assert XYZ_FIELDS[0].name == "scale" and XYZ_FIELDS[1:] == tuple(f for f in FIELDS if f.xyz and f.name != "scale")
 
 
-def test_choices_are_the_engines():
-    from lib_deltasampling.engine.sampler import GUIDANCE_MODES, RESOLUTIONS
-    from lib_deltasampling.engine.schedule import SHAPES
-    assert field("schedule").choices == tuple(SHAPES)
-    assert field("guidance").choices == tuple(GUIDANCE_MODES)
-    assert field("resolution").choices == tuple(RESOLUTIONS)
+def test_every_offered_choice_is_one_the_engine_runs():
+    """The UI can offer only what the engine accepts: each choice maps through to_params() and
+    passes the engine's own check (DeltaParams.check refuses anything else)."""
+    from lib_deltasampling.engine.sampler import DeltaParams
+    for name in ("schedule", "guidance", "resolution"):
+        for choice in field(name).choices:
+            DeltaSettings(**{name: choice}).to_params().check()
+    from lib_deltasampling.errors import SettingError as Refused
+    with pytest.raises(Refused):
+        DeltaParams(shape="square").check()
 
 
 def test_defaults():

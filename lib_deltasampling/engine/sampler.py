@@ -30,9 +30,7 @@ from ..runtime.text.prompt import prompt_schedules
 from .bridge import NATIVE_PIXELS, bridge_factor, native_latent_size, resize_latent, source_input
 from .delta import apply_delta, source_delta
 from .schedule import SHAPES, compute_steps, step_weights
-
-GUIDANCE_MODES = ("full", "cond")
-RESOLUTIONS = ("target", "native")
+from .settings import GUIDANCE_MODES, RESOLUTIONS
 
 
 class GenerationInterrupted(DeltaSamplingError):
