@@ -7,6 +7,8 @@ import pytest
 from lib_deltasampling.runtime.text.tokenizer import ClipTokenizer
 from vocab import clip_vocab_path
 
+pytest_plugins = ["a1111.fixture"]  # the `a1111` fixture: the A1111 1.10 stand-in, for tests of the extension
+
 
 @pytest.fixture(scope="session")
 def tokenizer() -> ClipTokenizer:

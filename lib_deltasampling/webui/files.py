@@ -1,0 +1,84 @@
+"""Names from the UI, infotext and API -> files, only inside the host's model folders.
+
+Checkpoints resolve through the host's own checkpoint list (`sd_models.get_closet_checkpoint_match`);
+adapters through the Lora extension's list when it is loaded, else by name in the LoRA folders.
+A name never becomes a path outside those folders (no traversal).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+def checkpoint_titles() -> list[str]:
+    from modules import sd_models
+    return list(sd_models.checkpoint_tiles())
+
+
+def checkpoint_file(name: str, setting: str) -> Path:
+    from modules import sd_models
+    info = sd_models.get_closet_checkpoint_match(name) if name else None
+    if info is None:
+        raise UserError(setting, f"'{name}' is not in the WebUI's checkpoint list",
+                        "Pick it from the dropdown (press the refresh button after adding files)")
+    return Path(info.filename)
+
+
+def _lora_dirs() -> list[Path]:
+    from modules import shared
+    dirs = [getattr(shared.cmd_opts, "lora_dir", None), getattr(shared.cmd_opts, "lyco_dir_backcompat", None)]
+    return [Path(d) for d in dirs if d]
+
+
+def _inside(path: Path, folders: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(f.resolve()) for f in folders)
+
+
+def lora_choices() -> list[tuple[str, str]]:
+    """(name, label) of every LoRA the host lists."""
+    names = _host_loras()
+    if names is None:
+        names = {p.stem: p for d in _lora_dirs() if d.is_dir() for s in ADAPTER_SUFFIXES for p in d.rglob("*" + s)}
+    return [(name, name) for name in sorted(names, key=str.lower)]
+
+
+def _host_loras() -> dict[str, Path] | None:
+    """The Lora extension's `networks.available_networks` (name -> file), if it is loaded."""
+    import sys
+    networks = sys.modules.get("networks")
+    available = getattr(networks, "available_networks", None) if networks else None
+    if available is None:
+        return None
+    return {name: Path(entry.filename) for name, entry in available.items()}
+
+
+def adapter_file(name: str) -> Path:
+    """The file of `<lora:name>`: the host's list first (also its aliases), then the LoRA folders."""
+    import sys
+    networks = sys.modules.get("networks")
+    for table in ("available_networks", "available_network_aliases"):
+        entry = getattr(networks, table, {}).get(name) if networks else None
+        if entry is not None:
+            return Path(entry.filename)
+    folders = _lora_dirs()
+    for folder in folders:
+        for suffix in ADAPTER_SUFFIXES:
+            candidate = folder / (name + suffix)
+            if candidate.is_file() and _inside(candidate, folders):
+                return candidate
+            hits = [p for p in folder.rglob(Path(name).name + suffix) if _inside(p, folders)] if folder.is_dir() else []
+            if hits:
+                return sorted(hits)[0]
+    raise UserError(f"adapter <lora:{name}>", "is not in the WebUI's LoRA list",
+                    "Check the name (the LoRA tab shows them) and refresh the list after adding files")
+
+
+def embedding_dirs() -> list[Path]:
+    from modules import shared
+    d = getattr(shared.cmd_opts, "embeddings_dir", None)
+    return [Path(d)] if d and Path(d).is_dir() else []

@@ -1,0 +1,125 @@
+"""The "Delta Sampling" section of the WebUI's Settings page, and reading it.
+
+`register_options` runs from `script_callbacks.on_ui_settings`; `shared.opts.add_option` keeps a
+value already saved in config.json. `read_options` may run before the section exists (UI build,
+API start-up), so every key is read with `getattr(shared.opts, key, default)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("delta-sampling")
+
+SECTION = ("delta_sampling", "Delta Sampling")
+CATEGORY = "sd"                      # A1111's "Stable Diffusion" settings category
+DEVICES = ("auto", "cuda", "cpu", "mps")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+LOG_LEVELS = ("WARNING", "INFO", "DEBUG")
+KEY_PREFIX = "delta_sampling_"
+
+
+@dataclass(frozen=True)
+class WebuiOptions:
+    """Settings-page values (defaults = what a fresh install uses)."""
+
+    device: str = "auto"                        # auto, cuda, cuda:N, cpu, mps
+    dtype: str = "auto"                         # auto, fp16, bf16, fp32
+    keep_loaded: bool = True                    # keep the source models between generations
+    free_on_checkpoint_change: bool = False     # free them when the WebUI's checkpoint changes
+    vocab_path: str = ""                        # CLIP vocabulary file/folder; empty: search
+    log_level: str = "WARNING"
+
+    def placement(self):
+        """Device and dtype of the source models (runtime/placement.py; checks the device exists)."""
+        from ..runtime.placement import choose_placement
+        return choose_placement(self.device, self.dtype)
+
+    def vocab_paths(self) -> tuple[Path, ...]:
+        return (Path(self.vocab_path.strip()).expanduser(),) if self.vocab_path.strip() else ()
+
+    @staticmethod
+    def webui_root() -> Path | None:
+        """The WebUI's folder (where the tokenizer search also looks)."""
+        try:
+            from modules import paths_internal
+        except ImportError:
+            return None
+        root = getattr(paths_internal, "script_path", None)
+        return Path(root) if root else None
+
+
+def option_key(name: str) -> str:
+    return KEY_PREFIX + name
+
+
+LABELS = {
+    "device": "Device for the source models (auto: the WebUI's GPU; cuda:N for another GPU)",
+    "dtype": "Precision of the source models (auto: fp16 on GPUs, fp32 on the CPU)",
+    "keep_loaded": "Keep the source models loaded between generations",
+    "free_on_checkpoint_change": "Free the source models when the WebUI's checkpoint changes",
+    "vocab_path": "CLIP tokenizer vocabulary (bpe_simple_vocab_16e6.txt.gz or a folder with vocab.json and "
+                  "merges.txt); empty: search the usual places",
+    "log_level": "Console messages of Delta Sampling",
+}
+
+
+def apply_log_level(level: str | None = None) -> None:
+    """Set the "delta-sampling" logger's level (from the settings page when not given)."""
+    level = level or read_options().log_level
+    logging.getLogger("delta-sampling").setLevel(getattr(logging, level, logging.WARNING))
+
+
+def _option_infos(shared: Any, gr: Any) -> dict[str, Any]:
+    d = WebuiOptions()
+    info = shared.OptionInfo
+    return {
+        "device": info(d.device, LABELS["device"], gr.Dropdown,
+                       {"choices": list(DEVICES), "allow_custom_value": True}),
+        "dtype": info(d.dtype, LABELS["dtype"], gr.Radio, {"choices": list(DTYPES)}),
+        "keep_loaded": info(d.keep_loaded, LABELS["keep_loaded"]).info(
+            "off: freed after every generation, which saves memory but reloads them each time"),
+        "free_on_checkpoint_change": info(d.free_on_checkpoint_change, LABELS["free_on_checkpoint_change"]).info(
+            "frees memory for the new checkpoint when GPU memory is short"),
+        "vocab_path": info(d.vocab_path, LABELS["vocab_path"]),
+        "log_level": info(d.log_level, LABELS["log_level"], gr.Radio, {"choices": list(LOG_LEVELS)},
+                          onchange=apply_log_level),
+    }
+
+
+def register_options() -> None:
+    """`on_ui_settings` callback: add the section (values saved in config.json are kept)."""
+    import gradio as gr
+    from modules import shared
+
+    for name, option in _option_infos(shared, gr).items():
+        option.section = SECTION
+        option.category_id = CATEGORY
+        shared.opts.add_option(option_key(name), option)
+    apply_log_level()
+
+
+def read_options() -> WebuiOptions:
+    """The current settings; a value of the wrong type or outside its choices is its default (warned)."""
+    from modules import shared
+
+    defaults = WebuiOptions()
+    values = {}
+    for f in fields(WebuiOptions):
+        default = getattr(defaults, f.name)
+        value = getattr(shared.opts, option_key(f.name), default)
+        values[f.name] = value if _valid(f.name, value, default) else default
+    return WebuiOptions(**values)
+
+
+def _valid(name: str, value: Any, default: Any) -> bool:
+    allowed = {"dtype": DTYPES, "log_level": LOG_LEVELS}.get(name)
+    ok = isinstance(value, type(default)) and (allowed is None or value in allowed)
+    if name == "device" and ok:
+        ok = value.strip() != ""
+    if not ok:
+        log.warning("Delta Sampling setting %s = %r is not valid; using %r", option_key(name), value, default)
+    return ok

@@ -1,0 +1,233 @@
+"""What `scripts/delta_sampling.py` delegates to: process, each sampling pass, postprocess.
+
+- `process`: read the settings (UI positional args, the API's [dict] form, X/Y/Z overrides on `p`),
+  load the source pair (cached), resolve adapters and embeddings. Nothing runs while DS is off.
+- `process_before_every_sampling` (once per pass; twice with hires fix): prepare the engine for this
+  pass (its prompts, size, noise, mask) and install the CFG callbacks of that pass.
+- `postprocess`: remove every callback; free models per the settings page.
+A1111 swallows exceptions raised in script hooks and callbacks and goes on. Delta Sampling must
+never leave an image that claims a delta it did not get, so every failure goes through `fail`: it
+removes the hooks and the infotext keys, stops the generation (`state.interrupt()`) and says why
+in the console and in the image info (`p.comment`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine.infotext import ADAPTED_HASH, ADAPTER_HASHES, SOURCE_HASH, format_hashes, settings_to_infotext
+from ..engine.sampler import DeltaSampler
+from ..engine.settings import DeltaSettings
+from ..errors import SettingError, UserError
+from ..runtime.adapters.tags import adapter_requests
+from ..runtime.checkpoint import addnet_hash, file_sha256
+from ..runtime.pair import SourcePair
+from ..runtime.text.embeddings import EmbeddingLibrary
+from ..runtime.text.prompt import extract_extra_networks
+from . import files
+from .args import apply_overrides, overrides_from_p, settings_from_script_args
+from .hooks_a1111 import PassHook
+from .options import read_options
+from .state import CACHE
+
+log = logging.getLogger("delta-sampling")
+RUN_ATTR = "delta_sampling_run"
+
+
+@dataclass
+class Run:
+    """Delta Sampling state of one generation (one `process_images` call), kept on `p`."""
+
+    settings: DeltaSettings
+    pair: SourcePair
+    library: EmbeddingLibrary | None
+    infotext: dict[str, str]
+    hook: PassHook | None = None
+    failed: bool = False
+    applied_keys: set[str] = field(default_factory=set)
+
+    def close(self) -> None:
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook.remove()
+
+
+def target_latent_scale(sd_model) -> float:
+    """The host model's latent scale factor (ldm/sgm `scale_factor`; by model type if absent)."""
+    scale = getattr(sd_model, "scale_factor", None)
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    return 0.13025 if getattr(sd_model, "is_sdxl", False) else 0.18215
+
+
+def _short_hash(path: Path, n: int = 10) -> str:
+    return file_sha256(path)[:n]
+
+
+def read_settings(p, args) -> DeltaSettings:
+    source = "API" if getattr(p, "is_api", False) else "UI"
+    # an X/Y/Z axis turns Delta Sampling on for its cell, whatever the accordion says
+    return apply_overrides(settings_from_script_args(args, source=source), overrides_from_p(p))
+
+
+def remove_leftovers(p=None) -> None:
+    """Callbacks of an earlier generation that ended by an exception (postprocess never ran)."""
+    run = getattr(p, RUN_ATTR, None) if p is not None else None
+    if run is not None:
+        run.close()
+    from modules import script_callbacks
+    for kind in ("cfg_denoiser", "cfg_after_cfg"):
+        callbacks = script_callbacks.callback_map.get(f"callbacks_{kind}", [])
+        for c in list(callbacks):
+            owner = getattr(c.callback, "__self__", None)
+            if isinstance(owner, PassHook):
+                owner.remove()
+
+
+def process(p, *args) -> None:
+    remove_leftovers()
+    try:
+        settings = read_settings(p, args)
+    except UserError as exc:
+        fail(p, exc)
+        return
+    options = read_options()
+    if not settings.enabled:
+        CACHE.release_all()  # off: nothing stays loaded (and nothing loads)
+        return
+    try:
+        setattr(p, RUN_ATTR, prepare_run(p, settings, options))
+    except Exception as exc:  # noqa: BLE001 - A1111 would swallow it; fail() stops the run instead
+        fail(p, exc)
+
+
+def prepare_run(p, settings: DeltaSettings, options) -> Run:
+    from modules import shared
+
+    if not settings.source_checkpoint:
+        raise SettingError('Delta Sampling "Source base checkpoint"', "no source checkpoint is chosen",
+                           "Pick the base model your LoRA or fine-tune was made for")
+    source_path = files.checkpoint_file(settings.source_checkpoint, 'Delta Sampling "Source base checkpoint"')
+    adapted_path = (files.checkpoint_file(settings.adapted_checkpoint, 'Delta Sampling "Adapted checkpoint"')
+                    if settings.adapted_checkpoint else None)
+    _, requests = adapter_requests(settings.adapters)
+    adapter_files = tuple((r.name, files.adapter_file(r.name), r.te_multiplier, r.unet_multiplier) for r in requests)
+
+    host_checkpoint = getattr(getattr(shared.sd_model, "sd_checkpoint_info", None), "filename", None)
+    if options.free_on_checkpoint_change and CACHE.host_checkpoint not in (None, host_checkpoint):
+        CACHE.release_all()
+    CACHE.host_checkpoint = host_checkpoint
+
+    placement = options.placement()
+    tokenizer = CACHE.tokenizer(options.vocab_paths(), options.webui_root())
+    timestep_mode = "interpolate"  # A1111's k-diffusion wrappers interpolate sigma -> t
+    base = CACHE.model(source_path, placement, tokenizer, timestep_mode)
+    adapted = CACHE.model(adapted_path, placement, tokenizer, timestep_mode) if adapted_path else None
+    CACHE.keep_only([m for m in (base, adapted) if m is not None])
+    adapters = CACHE.adapters(adapted or base, adapter_files, source_path.name)
+    pair = SourcePair(base, adapters, adapted)
+    dirs = files.embedding_dirs()
+    library = EmbeddingLibrary.for_text_stack(dirs, base.text) if dirs else None
+
+    extra = {SOURCE_HASH: _short_hash(source_path)}
+    if adapted_path:
+        extra[ADAPTED_HASH] = _short_hash(adapted_path)
+    if adapter_files:
+        extra[ADAPTER_HASHES] = format_hashes({n: addnet_hash(path)[:12] for n, path, _, _ in adapter_files})
+    return Run(settings, pair, library, settings_to_infotext(settings, extra=extra))
+
+
+def _pass_prompts(p, run: Run) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(base, base negative, adapted, adapted negative) for this pass's images."""
+    s = run.settings
+    hires = getattr(p, "is_hr_pass", False)
+    prompts = list(getattr(p, "hr_prompts", None) or p.prompts) if hires else list(p.prompts)
+    negatives = list(getattr(p, "hr_negative_prompts", None) or p.negative_prompts) if hires else list(p.negative_prompts)
+    if s.source_prompt:
+        prompts = [extract_extra_networks(s.source_prompt)[0]] * len(prompts)
+    if s.source_negative:
+        negatives = [extract_extra_networks(s.source_negative)[0]] * len(negatives)
+    words = " ".join(adapter_requests(s.adapters)[0].split())
+    adapted = [f"{t}, {words}" if t and words else (t or words) for t in prompts]
+    return prompts, negatives, adapted, negatives
+
+
+def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
+    """One sampling pass starts (first pass, or the hires pass): prepare the engine, install the hooks."""
+    run: Run | None = getattr(p, RUN_ATTR, None)
+    if run is None or run.failed:
+        return
+    run.close()  # the previous pass's callbacks never serve this one
+    hires = getattr(p, "is_hr_pass", False)
+    if hires and not run.settings.hires:
+        return
+    try:
+        from modules import shared
+
+        target = p.sd_model
+        prompts, negatives, adapted, adapted_negatives = _pass_prompts(p, run)
+        embeddings = run.library.for_prompt(prompts, strict=False) if run.library else {}
+        adapted_embeddings = run.library.for_prompt(adapted, strict=False) if run.library else {}
+        steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) if hires else p.steps
+        cfg = getattr(p, "hr_cfg", p.cfg_scale) if hires else p.cfg_scale
+        schedule = run.pair.base.denoiser.schedule
+        c0, sigma0 = 1.0, 1.0  # img2img and hires: the noise enters as sigma * n
+        if not hires and getattr(p, "init_latent", None) is None and getattr(shared.opts, "sgm_noise_multiplier", False):
+            sigma0 = schedule.sigma_max
+            c0 = math.sqrt(1.0 + sigma0 ** 2)
+        mask = None if hires else getattr(p, "nmask", None)
+        sampler = DeltaSampler.prepare(
+            run.pair, run.settings.to_params(), prompts=prompts, negative_prompts=negatives,
+            adapted_prompts=adapted, adapted_negative_prompts=adapted_negatives, steps=steps, cfg_scale=cfg,
+            target_scale=target_latent_scale(target), noise=noise, noise_multiplier=c0,
+            sigma0=sigma0, embeddings=embeddings, adapted_embeddings=adapted_embeddings, generate_mask=mask,
+            should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped))
+        run.hook = PassHook(sampler, schedule, on_applied=lambda: None, on_error=lambda exc: fail(p, exc))
+        run.hook.install()
+        p.extra_generation_params.update(run.infotext)
+        run.applied_keys.update(run.infotext)
+    except Exception as exc:  # noqa: BLE001
+        fail(p, exc)
+
+
+def postprocess(p, processed=None, *args) -> None:
+    run: Run | None = getattr(p, RUN_ATTR, None)
+    if run is not None:
+        run.close()
+    remove_leftovers()
+    if not read_options().keep_loaded:
+        CACHE.release_all()
+
+
+def fail(p, exc: BaseException) -> None:
+    """Stop the generation visibly; leave no hook and no infotext claiming a delta."""
+    from ..engine.sampler import GenerationInterrupted
+    from modules import shared
+
+    run: Run | None = getattr(p, RUN_ATTR, None)
+    if run is not None:
+        run.failed = True
+        run.close()
+    if isinstance(exc, GenerationInterrupted):
+        return  # the user pressed Interrupt/Skip: A1111 stops; the steps so far did get the delta
+    if run is not None:
+        for key in run.applied_keys:
+            p.extra_generation_params.pop(key, None)
+    if isinstance(exc, UserError):
+        message = f"Delta Sampling stopped the generation: {exc}"
+        log.error(message)
+    else:
+        message = f"Delta Sampling stopped the generation after an internal error: {exc.__class__.__name__}: {exc}"
+        log.error(message, exc_info=exc)
+    if hasattr(p, "comment"):
+        p.comment(message)
+    shared.state.interrupt()
+
+
+def ui(script, is_img2img: bool) -> list:
+    """The accordion's components, in FIELDS order (= the positional script args). Loads nothing."""
+    from .ui import UiChoices, build_ui
+    return build_ui(script, is_img2img, UiChoices(checkpoints=files.checkpoint_titles, loras=files.lora_choices))

@@ -1,0 +1,23 @@
+"""Process-wide registrations, done once when the WebUI loads the script.
+
+Settings page, X/Y/Z axes (after every script is loaded, so A1111's xyz_grid is there), the API
+route, and the clean-up when the WebUI reloads scripts.
+"""
+
+from __future__ import annotations
+
+
+def register_callbacks(script_callbacks) -> None:
+    from . import api, options, xyz
+    from .script import remove_leftovers
+    from .state import CACHE
+
+    script_callbacks.on_ui_settings(options.register_options)
+    script_callbacks.on_before_ui(xyz.register_axes)
+    script_callbacks.on_app_started(lambda _demo, app: api.register_routes(app))
+
+    def unloaded() -> None:
+        remove_leftovers()
+        CACHE.release_all()
+
+    script_callbacks.on_script_unloaded(unloaded)

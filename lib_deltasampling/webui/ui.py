@@ -1,0 +1,175 @@
+"""The accordion: one gradio control per setting, generated from FIELDS (gradio 3.41, A1111 1.10).
+
+The controls are returned in FIELDS order, which is the positional order of the script's
+arguments (UI and `alwayson_scripts` alike). The `enabled` control is the `InputAccordion` itself
+(its header checkbox). Every control gets `elem_id = script.elem_id(name)` (per tab:
+`script_txt2img_delta_sampling_scale`) and A1111's `tooltip=` from the field's tooltip.
+
+`build_ui` runs three times per tab (the UI, then twice in `Api.init_default_script_args`): it only
+reads the host's name lists (through `UiChoices`) and never loads a model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.settings import FIELD_BY_NAME, FIELDS, FieldSpec
+from . import paste
+from .args import NONE_CHOICE, NONE_CHOICE_FIELDS, ui_value
+
+
+@dataclass(frozen=True)
+class UiChoices:
+    """The host's name lists, read when the UI is built and when a refresh button is pressed."""
+
+    checkpoints: Callable[[], list[str]]                  # checkpoint titles
+    loras: Callable[[], list[tuple[str, str]]]            # (name for <lora:name:w>, label with family)
+    refresh_checkpoints: Callable[[], None] | None = None  # default: modules.sd_models.list_models
+    refresh_loras: Callable[[], None] | None = None        # default: the Lora extension's re-scan
+
+
+# Rows of the accordion. A field missing here still gets a control, in a row of its own at the end.
+LAYOUT: tuple[tuple[str, ...], ...] = (
+    ("source_checkpoint", "adapted_checkpoint"),
+    ("adapters",),
+    ("source_prompt", "source_negative"),
+    ("scale", "start", "end"),
+    ("schedule", "source_cfg"),
+    ("guidance", "reuse"),
+    ("hires", "resolution"),
+)
+TEXT_LINES = {"adapters": 2, "source_prompt": 2, "source_negative": 2}
+PLACEHOLDERS = {
+    "adapters": "<lora:name:1> embedding-name trigger words",
+    "source_prompt": "empty: the main prompt without its <lora:...> tags",
+    "source_negative": "empty: the main negative prompt",
+}
+HIDDEN_IN_IMG2IMG = ("hires",)   # img2img has no hires pass; the control stays for the arg order
+LORA_PICKER_TOOLTIP = "Adds <lora:NAME:1> to the adaptation text; the family its shapes point to is in brackets."
+
+
+def layout_rows() -> list[tuple[str, ...]]:
+    """LAYOUT plus any field it does not name (except `enabled`, the accordion itself)."""
+    placed = {name for row in LAYOUT for name in row}
+    return list(LAYOUT) + [(f.name,) for f in FIELDS if f.name != "enabled" and f.name not in placed]
+
+
+def append_lora_tag(text: str, name: str, weight: float = 1) -> str:
+    """The adapter text with `<lora:name:weight>` added at the end."""
+    tag = f"<lora:{name}:{weight:g}>"
+    text = (text or "").rstrip()
+    return f"{text} {tag}" if text else tag
+
+
+def picked_lora_text(picked: str | None, text: str, loras: list[tuple[str, str]]) -> str | None:
+    """The adapter text after picking the entry labelled `picked`; None when nothing was picked."""
+    if not picked:
+        return None
+    names = {label: name for name, label in loras}
+    return append_lora_tag(text, names.get(picked, picked))
+
+
+def _tooltip(component: Any, text: str) -> None:
+    # A1111 reads `webui_tooltip` from any block's config (gradio_extensons.Block_get_config) and
+    # javascript/hints.js turns it into the element's title. `InputAccordion(tooltip=...)` would
+    # also pass the kwarg to gr.Accordion, which warns about it, so it is set here instead.
+    component.webui_tooltip = text
+
+
+def build_ui(script: Any, is_img2img: bool, choices: UiChoices) -> list:
+    """The accordion's controls in FIELDS order; sets `script.infotext_fields`/`paste_field_names`."""
+    import gradio as gr
+    from modules.ui_components import InputAccordion
+
+    enabled = FIELD_BY_NAME["enabled"]
+    controls: dict[str, Any] = {}
+    with InputAccordion(enabled.default, label=script.title(), elem_id=script.elem_id("enable")) as accordion:
+        _tooltip(accordion, enabled.tooltip)
+        _tooltip(accordion.accordion, enabled.tooltip)
+        controls["enabled"] = accordion
+        for row in layout_rows():
+            with gr.Row():
+                for name in row:
+                    controls[name] = _control(gr, FIELD_BY_NAME[name], script, is_img2img, choices)
+
+    script.infotext_fields = paste.infotext_fields(controls)
+    script.paste_field_names = paste.paste_field_names()
+    return [controls[f.name] for f in FIELDS]
+
+
+def _control(gr: Any, spec: FieldSpec, script: Any, is_img2img: bool, choices: UiChoices) -> Any:
+    common = {"label": spec.label, "elem_id": script.elem_id(spec.name), "tooltip": spec.tooltip}
+    if spec.kind == "checkpoint":
+        return _checkpoint_dropdown(gr, spec, script, choices, common)
+    if spec.name == "adapters":
+        return _adapter_text(gr, spec, script, choices, common)
+    if spec.kind in ("float", "int"):
+        cast = float if spec.kind == "float" else int
+        return gr.Slider(minimum=cast(spec.ui_minimum), maximum=cast(spec.ui_maximum), step=cast(spec.step),
+                         value=cast(spec.default), **common)
+    if spec.kind == "choice":
+        return gr.Radio(choices=list(spec.choices), value=spec.default, **common)
+    if spec.kind == "bool":
+        return gr.Checkbox(value=spec.default, visible=not (is_img2img and spec.name in HIDDEN_IN_IMG2IMG), **common)
+    return gr.Textbox(value=spec.default, lines=TEXT_LINES.get(spec.name, 1),
+                      placeholder=PLACEHOLDERS.get(spec.name, ""), **common)
+
+
+def _checkpoint_choices(spec: FieldSpec, choices: UiChoices) -> list[str]:
+    titles = list(choices.checkpoints())
+    return [NONE_CHOICE, *titles] if spec.name in NONE_CHOICE_FIELDS else titles
+
+
+def _checkpoint_dropdown(gr: Any, spec: FieldSpec, script: Any, choices: UiChoices, common: dict) -> Any:
+    from modules.ui_common import create_refresh_button
+
+    def refresh() -> None:
+        if choices.refresh_checkpoints is not None:
+            choices.refresh_checkpoints()
+        else:
+            from modules import sd_models
+            sd_models.list_models()
+
+    with gr.Row():
+        dropdown = gr.Dropdown(choices=_checkpoint_choices(spec, choices), value=ui_value(spec, spec.default),
+                               **common)
+        create_refresh_button(dropdown, refresh, lambda: {"choices": _checkpoint_choices(spec, choices)},
+                              script.elem_id(f"{spec.name}_refresh"))
+    return dropdown
+
+
+def _adapter_text(gr: Any, spec: FieldSpec, script: Any, choices: UiChoices, common: dict) -> Any:
+    from modules.ui_common import create_refresh_button
+
+    def labels() -> list[str]:
+        return [label for _, label in choices.loras()]
+
+    def pick(picked: str | None, text: str) -> tuple[Any, Any]:
+        new_text = picked_lora_text(picked, text, choices.loras())
+        if new_text is None:
+            return gr.update(), gr.update()
+        # The picker resets to empty, so the same LoRA can be picked again.
+        return gr.update(value=new_text), gr.update(value=None)
+
+    def refresh() -> None:
+        if choices.refresh_loras is not None:
+            choices.refresh_loras()
+            return
+        networks = sys.modules.get("networks")     # A1111's Lora extension, when loaded
+        if hasattr(networks, "list_available_networks"):
+            networks.list_available_networks()
+
+    with gr.Column(scale=3):
+        text = gr.Textbox(value=spec.default, lines=TEXT_LINES.get(spec.name, 1),
+                          placeholder=PLACEHOLDERS.get(spec.name, ""), **common)
+    with gr.Column(scale=1, min_width=160):
+        with gr.Row():
+            picker = gr.Dropdown(choices=labels(), value=None, label="Add a LoRA",
+                                 elem_id=script.elem_id("lora_picker"), tooltip=LORA_PICKER_TOOLTIP)
+            create_refresh_button(picker, refresh, lambda: {"choices": labels()},
+                                  script.elem_id("lora_picker_refresh"))
+    picker.change(fn=pick, inputs=[picker, text], outputs=[text, picker], show_progress=False)
+    return text

@@ -1,0 +1,198 @@
+"""The extension in A1111 1.10's generation loop (the stand-in of tests/a1111 mirrors its order and
+layouts): hooks, infotext, failures, passes and samplers, against the standalone engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import factories
+from test_adapters import build_adapter
+
+TITLE = "Delta Sampling"
+
+
+def setup_host(a1111, *, target_family="sd1"):
+    a1111.add_checkpoint("target.safetensors", target_family, seed=0)
+    a1111.add_checkpoint("source.safetensors", "sd1", seed=5)
+    a1111.load_checkpoint("target")
+    lora_dir = Path(a1111.shared.cmd_opts.lora_dir)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    adapter, _ = build_adapter("sd1", "kohya", "lora", factories.checkpoint_tensors("sd1", seed=5))
+    save_file(adapter, str(lora_dir / "moxin.safetensors"))
+    a1111.load_scripts(a1111.repo / "scripts" / "delta_sampling.py")
+    a1111.create_ui()
+    a1111.start_app()
+
+
+def ds(**settings):
+    return {TITLE: [{"enabled": True, "source_checkpoint": "source.safetensors", "adapters": "<lora:moxin:1>",
+                     "scale": 2.0, **settings}]}
+
+
+def our_callbacks(a1111) -> int:
+    from lib_deltasampling.webui.hooks_a1111 import PassHook
+    return sum(isinstance(getattr(c.callback, "__self__", None), PassHook)
+               for kind in ("callbacks_cfg_denoiser", "callbacks_cfg_after_cfg")
+               for c in a1111.script_callbacks.callback_map[kind])
+
+
+def test_smoke_txt2img(a1111):
+    setup_host(a1111)
+    plain = a1111.txt2img()
+    gen = a1111.txt2img(ds())
+    assert a1111.reports == []
+    assert "Delta scale: 2.0" in gen.processed.infotexts[0]
+    assert not torch.equal(gen.processed.images[0], plain.processed.images[0])
+    assert our_callbacks(a1111) == 0
+
+
+def test_txt2img_equals_the_engine_driven_directly(a1111, tokenizer):
+    """The same generation without the WebUI: target CFG + DeltaSampler + Euler on A1111's sigmas."""
+    from lib_deltasampling.engine.sampler import DeltaParams, DeltaSampler
+    from lib_deltasampling.runner.sampling import (ImageNoise, a1111_schedule_table, get_sigmas, latent_shape,
+                                                   sample_euler)
+    from lib_deltasampling.runtime.adapters.apply import AdapterSet
+    from lib_deltasampling.runtime.model import load_model
+    from lib_deltasampling.runtime.pair import SourcePair
+    from lib_deltasampling.runtime.placement import Placement
+
+    setup_host(a1111)
+    gen = a1111.txt2img(ds(scale=1.5, guidance="full"), prompt="a red fox", negative_prompt="blurry", steps=4,
+                        seed=11, cfg_scale=6.0)
+    assert a1111.reports == []
+
+    cpu = Placement(torch.device("cpu"), torch.float32)
+    def file(name):
+        return a1111.sd_models.get_closet_checkpoint_match(name).filename
+
+    target = load_model(file("target.safetensors"), placement=cpu, tokenizer=tokenizer)
+    source = load_model(file("source.safetensors"), placement=cpu, tokenizer=tokenizer)
+    for m in (target, source):  # A1111 keeps alphas_cumprod in float32: use its table on both sides
+        m.denoiser.schedule = a1111_schedule_table()
+    adapters = AdapterSet(source.components(), source.family)
+    adapters.add(Path(a1111.shared.cmd_opts.lora_dir) / "moxin.safetensors")
+    pair = SourcePair(source, adapters)
+    sigmas = get_sigmas("Automatic", 4, a1111_schedule_table(), sampler="Euler")
+    noise = ImageNoise([11], latent_shape(64, 64)).first()
+    engine = DeltaSampler.prepare(pair, DeltaParams(scale=1.5), prompts=["a red fox"], negative_prompts=["blurry"],
+                                  adapted_prompts=["a red fox"], adapted_negative_prompts=["blurry"], steps=4,
+                                  cfg_scale=6.0, target_scale=0.18215, noise=noise, noise_multiplier=1.0, sigma0=1.0)
+    cond = target.encode(["a red fox"], width=64, height=64)
+    uncond = target.encode(["blurry"], width=64, height=64, negative=True)
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+
+    def model(x, sigma, step):
+        c, u = target.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+        return engine(x, sigma, step, 4, u + 6.0 * (c - u))
+
+    with engine.running():
+        want = sample_euler(model, noise * sigmas[0], sigmas)[0]
+    got = gen.processed.images[0]
+    # same math; float32 rounding differs (row order, scalings in sigma's dtype), amplified over the
+    # steps of a random model whose latents reach ~30: up to 1.5e-4 relative. The delta itself moves
+    # them by ~30, so a wrong sign, scale or row would be off by orders of magnitude more.
+    assert torch.allclose(got, want, rtol=5e-4, atol=1e-4)
+
+
+def test_infotext_parses_back_to_the_settings(a1111):
+    from lib_deltasampling.engine.infotext import parse_parameters, settings_from_infotext
+    from lib_deltasampling.engine.settings import DeltaSettings
+
+    setup_host(a1111)
+    chosen = dict(scale=2.5, start=0.25, end=0.75, schedule="linear", source_cfg=3.0, reuse=2,
+                  adapters='<lora:moxin:0.7> ink, "wash"')
+    gen = a1111.txt2img(ds(**chosen), steps=4)
+    _, _, params = parse_parameters(gen.processed.infotexts[0])
+    restored, warnings = settings_from_infotext(params)
+    assert warnings == [] and restored == DeltaSettings(enabled=True, source_checkpoint="source.safetensors", **chosen)
+    assert len(params["Delta source hash"]) == 10 and params["Delta adapter hashes"].startswith("moxin: ")
+
+
+def test_off_costs_nothing_and_frees_models(a1111):
+    from lib_deltasampling.webui.state import CACHE
+
+    setup_host(a1111)
+    a1111.txt2img(ds())
+    assert CACHE.loaded  # kept for the next generation with the same settings
+    registered = []
+    a1111.script_callbacks.on_cfg_denoiser = lambda fn, *a, **k: registered.append(fn)  # no registration at all
+    off = a1111.txt2img({TITLE: [{"enabled": False, "source_checkpoint": "source.safetensors"}]})
+    assert registered == [] and CACHE.loaded == [] and "Delta" not in off.processed.infotexts[0]
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Heun", "Euler a", "DPM++ 2M"])
+def test_samplers_scale_zero_is_the_plain_image(a1111, sampler):
+    setup_host(a1111)
+    plain = a1111.txt2img(sampler_name=sampler, steps=4)
+    zero = a1111.txt2img(ds(scale=0.0), sampler_name=sampler, steps=4)
+    delta = a1111.txt2img(ds(scale=2.0), sampler_name=sampler, steps=4)
+    assert a1111.reports == []
+    assert torch.equal(zero.processed.images[0], plain.processed.images[0])
+    assert not torch.equal(delta.processed.images[0], plain.processed.images[0])
+    assert our_callbacks(a1111) == 0
+
+
+def test_a_bad_source_stops_the_generation_visibly(a1111):
+    setup_host(a1111)
+    gen = a1111.txt2img(ds(source_checkpoint="missing.safetensors"))
+    assert gen.processed.images == [] and a1111.shared.state.interrupted
+    assert any("missing.safetensors" in c and "checkpoint list" in c for c in gen.p.comments)
+    assert our_callbacks(a1111) == 0
+
+
+def test_a_failure_inside_a_step_leaves_no_claim_and_no_hook(a1111, monkeypatch):
+    from lib_deltasampling.runtime.pair import SourcePair
+
+    setup_host(a1111)
+
+    def broken(self, x, sigma, conds):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(SourcePair, "denoise", broken)
+    gen = a1111.txt2img(ds(), steps=4)
+    assert a1111.shared.state.interrupted
+    assert all("Delta" not in text for text in gen.processed.infotexts)
+    assert any("internal error" in c and "simulated" in c for c in gen.p.comments)
+    assert our_callbacks(a1111) == 0
+
+
+def test_hires_pass_follows_the_setting(a1111, monkeypatch):
+    from lib_deltasampling.webui.hooks_a1111 import PassHook
+
+    setup_host(a1111)
+    installs = []
+    original = PassHook.install
+    monkeypatch.setattr(PassHook, "install", lambda self: (installs.append(self), original(self))[1])
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.6, hr_upscaler="Latent")
+    gen = a1111.txt2img(ds(hires=True), **hires)
+    assert len(installs) == 2 and a1111.reports == [] and gen.processed.images[0].shape[-1] == 12
+    installs.clear()
+    a1111.txt2img(ds(hires=False), **hires)
+    assert len(installs) == 1 and our_callbacks(a1111) == 0
+
+
+def test_batches_and_prompts_and_ngms(a1111):
+    setup_host(a1111)
+    a1111.shared.opts.s_min_uncond = 100.0  # NGMS: skip the uncond on every other step
+    kwargs = dict(prompt="a fox AND a (dog:1.2)", batch_size=2, n_iter=2, steps=4)
+    plain = a1111.txt2img(**kwargs)
+    gen = a1111.txt2img(ds(), **kwargs)
+    assert a1111.reports == [] and len(gen.processed.images) == 4
+    assert all("Delta scale" in t for t in gen.processed.infotexts)
+    assert all(not torch.equal(a, b) for a, b in zip(gen.processed.images, plain.processed.images))
+
+
+def test_inpainting_changes_only_the_masked_area(a1111):
+    setup_host(a1111)
+    init = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(8, 8)
+    mask[:, 4:] = 1.0  # inpaint the right half
+    plain = a1111.img2img(init, mask=mask, steps=6, denoising_strength=0.8)
+    gen = a1111.img2img(init, ds(), mask=mask, steps=6, denoising_strength=0.8)
+    assert a1111.reports == []
+    a, b = gen.processed.images[0], plain.processed.images[0]
+    assert torch.equal(a[:, :, :4], b[:, :, :4]) and not torch.equal(a[:, :, 4:], b[:, :, 4:])
