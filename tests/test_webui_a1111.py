@@ -196,3 +196,57 @@ def test_inpainting_changes_only_the_masked_area(a1111):
     assert a1111.reports == []
     a, b = gen.processed.images[0], plain.processed.images[0]
     assert torch.equal(a[:, :, :4], b[:, :, :4]) and not torch.equal(a[:, :, 4:], b[:, :, 4:])
+
+
+def _asgi_post(app, path: str, payload) -> tuple[int | None, bytes, list]:
+    """POST `payload` (JSON) through an ASGI app; returns (status, body, bodies the inner app received)."""
+    import asyncio
+    import json
+
+    body = json.dumps(payload).encode()
+    chunks = [body[:7], body[7:]]  # a body that arrives in two messages
+    sent, status = [], {}
+
+    async def receive():
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status["code"] = message["status"]
+        else:
+            sent.append(message.get("body", b""))
+
+    asyncio.run(app({"type": "http", "method": "POST", "path": path}, receive, send))
+    return status.get("code"), b"".join(sent), sent
+
+
+def test_bad_api_arguments_get_http_422_before_anything_runs(a1111):
+    import json
+
+    from lib_deltasampling.webui.api import RequestCheck
+
+    setup_host(a1111)
+    seen = []
+
+    async def inner(scope, receive, send):  # stands for A1111's FastAPI app
+        message = await receive()
+        seen.append(message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = RequestCheck(inner)
+    good = {"prompt": "a fox", "alwayson_scripts": {"Delta Sampling": {"args": [{"source_checkpoint": "source.safetensors",
+                                                                                   "adapters": "<lora:moxin:1>"}]}}}
+    status, body, _ = _asgi_post(app, "/sdapi/v1/txt2img", good)
+    assert (status, body) == (200, b"ok") and json.loads(seen[0]) == good  # passed on untouched
+
+    for args, words in [([{"scale": "huge"}], '"Delta scale" (scale)'), ([{"sclae": 1.5}], "sclae"),
+                        ([{"source_checkpoint": "nope.safetensors"}], "nope.safetensors"),
+                        ([{"source_checkpoint": "source.safetensors", "adapters": "<lora:ghost:1>"}], "ghost"),
+                        ({"scale": 1.5}, "must be a list")]:
+        seen.clear()
+        status, body, _ = _asgi_post(app, "/sdapi/v1/img2img", {"alwayson_scripts": {"delta sampling": {"args": args}}})
+        assert status == 422 and words in json.loads(body)["detail"] and seen == [], (args, body)
+    # other routes and requests without Delta Sampling pass straight through
+    assert _asgi_post(app, "/sdapi/v1/txt2img", {"prompt": "x"})[0] == 200
+    assert _asgi_post(app, "/sdapi/v1/options", {"alwayson_scripts": {"Delta Sampling": {"args": 5}}})[0] == 200

@@ -209,3 +209,102 @@ def models_endpoint(refresh: bool = False) -> dict:
 def register_routes(app: Any) -> None:
     """`on_app_started` callback body: add the route to the WebUI's FastAPI app."""
     app.add_api_route(ROUTE, models_endpoint, methods=["GET"], dependencies=auth_dependencies())
+    install_request_check(app)
+
+
+# ------------------------------------------------------------------ HTTP errors for bad Delta Sampling arguments
+# A1111 runs script hooks inside try/except, so nothing raised while a generation runs becomes an HTTP
+# error. The request is therefore checked before A1111 sees it: an ASGI middleware reads the body of
+# /sdapi/v1/txt2img and /img2img, validates alwayson_scripts["Delta Sampling"], answers 422 with the
+# message when it is wrong, and otherwise hands the same body on untouched.
+
+GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+
+
+def request_error(body: bytes) -> str | None:
+    """The problem with a generation request's Delta Sampling arguments, or None (also when absent)."""
+    import json
+
+    from ..errors import UserError
+    from ..runtime.adapters.tags import adapter_requests
+    from . import files
+    from .args import settings_from_script_args
+
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        return None  # not ours to judge: A1111 answers malformed JSON itself
+    scripts = data.get("alwayson_scripts") if isinstance(data, dict) else None
+    entry = next((v for k, v in (scripts or {}).items() if isinstance(k, str) and k.lower() == "delta sampling"), None)
+    if not isinstance(entry, dict) or "args" not in entry:
+        return None
+    args = entry["args"]
+    if not isinstance(args, list):
+        return ('alwayson_scripts["Delta Sampling"]["args"] must be a list: the positional values, '
+                'or one dict of named settings such as [{"scale": 1.5}]')
+    try:
+        settings = settings_from_script_args(args, source="API")
+        if settings.enabled:
+            if not settings.source_checkpoint:
+                return 'Delta Sampling "source_checkpoint": no source checkpoint given. Name the base model your LoRA was made for'
+            files.checkpoint_file(settings.source_checkpoint, 'Delta Sampling "source_checkpoint"')
+            if settings.adapted_checkpoint:
+                files.checkpoint_file(settings.adapted_checkpoint, 'Delta Sampling "adapted_checkpoint"')
+            for request in adapter_requests(settings.adapters)[1]:
+                files.adapter_file(request.name)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+class RequestCheck:
+    """ASGI middleware: 422 with a clear message for bad Delta Sampling API arguments."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks, message = [], {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+        error = request_error(body)
+        if error is not None:
+            import json
+            payload = json.dumps({"error": "Delta Sampling", "detail": error}).encode()
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def install_request_check(app: Any) -> bool:
+    """Add `RequestCheck` to the running app the way A1111 adds its own middleware at startup
+    (reset the stack, add, rebuild). Idempotent; False (with a warning) where the app refuses."""
+    if any(getattr(m, "cls", None) is RequestCheck for m in getattr(app, "user_middleware", [])):
+        return True
+    try:
+        app.middleware_stack = None
+        app.add_middleware(RequestCheck)
+        app.middleware_stack = app.build_middleware_stack()
+        return True
+    except Exception as exc:  # noqa: BLE001 - the generation itself still refuses bad arguments
+        log.warning("Delta Sampling could not add its API argument check (%s); bad API arguments will "
+                    "stop the generation instead of returning HTTP 422", exc)
+        return False

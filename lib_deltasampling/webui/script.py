@@ -229,5 +229,6 @@ def fail(p, exc: BaseException) -> None:
 
 def ui(script, is_img2img: bool) -> list:
     """The accordion's components, in FIELDS order (= the positional script args). Loads nothing."""
+    from .api import adapter_choices
     from .ui import UiChoices, build_ui
-    return build_ui(script, is_img2img, UiChoices(checkpoints=files.checkpoint_titles, loras=files.lora_choices))
+    return build_ui(script, is_img2img, UiChoices(checkpoints=files.checkpoint_titles, loras=adapter_choices))

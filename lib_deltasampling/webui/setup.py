@@ -8,11 +8,15 @@ from __future__ import annotations
 
 
 def register_callbacks(script_callbacks) -> None:
-    from . import api, options, xyz
+    from . import api, options, paste, xyz
     from .script import remove_leftovers
     from .state import CACHE
 
     script_callbacks.on_ui_settings(options.register_options)
+    script_callbacks.on_infotext_pasted(paste.on_infotext_pasted)
+    # X/Y/Z: now if its script is loaded already, and before the UI (with --nowebui the API builds
+    # script UIs before `before_ui` runs); registering is idempotent.
+    xyz.register_axes()
     script_callbacks.on_before_ui(xyz.register_axes)
     script_callbacks.on_app_started(lambda _demo, app: api.register_routes(app))
 
