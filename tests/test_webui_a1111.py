@@ -250,3 +250,43 @@ def test_bad_api_arguments_get_http_422_before_anything_runs(a1111):
     # other routes and requests without Delta Sampling pass straight through
     assert _asgi_post(app, "/sdapi/v1/txt2img", {"prompt": "x"})[0] == 200
     assert _asgi_post(app, "/sdapi/v1/options", {"alwayson_scripts": {"Delta Sampling": {"args": 5}}})[0] == 200
+
+
+def test_a_scale_grid_runs_from_a_closed_accordion_and_loads_the_source_once(a1111, monkeypatch):
+    """X/Y/Z over "Delta scale" with Delta Sampling off in the UI: each cell gets its scale (a cell is a
+    shallow copy of p), and the source model is loaded once for the whole grid."""
+    from lib_deltasampling.webui import state
+
+    setup_host(a1111)
+    loads = []
+    original = state.load_model
+    monkeypatch.setattr(state, "load_model", lambda *a, **k: (loads.append(a[0]), original(*a, **k))[1])
+    runner = a1111.scripts.scripts_txt2img
+    plot = next(s for s in runner.selectable_scripts if s.title() == "X/Y/Z plot")
+    labels = [o.label for o in plot.current_axis_options]
+    p = a1111.processing.StableDiffusionProcessingTxt2Img(prompt="a fox", steps=3, width=64, height=64, seed=1,
+                                                         cfg_scale=5.0, sampler_name="Euler")
+    p.scripts = runner
+    p.script_args = a1111.script_args("txt2img", {TITLE: [{"enabled": False, "source_checkpoint": "source.safetensors",
+                                                           "adapters": "<lora:moxin:1>"}]})
+    processed = plot.run(p, labels.index("Delta scale"), "0, 2", [], 0, "", [], 0, "", [],
+                         True, False, False, False, False, False, False, 0, False)
+    assert a1111.reports == []
+    texts = [t for t in processed.infotexts if "Steps:" in t]
+    assert any("Delta scale: 0.0" in t for t in texts) and any("Delta scale: 2.0" in t for t in texts)
+    assert len(loads) == 1 and our_callbacks(a1111) == 0
+
+
+@pytest.mark.parametrize("setting, short, freed", [(True, False, True), (False, True, True), (False, False, False)])
+def test_models_are_freed_when_the_host_checkpoint_changes(a1111, monkeypatch, setting, short, freed):
+    from lib_deltasampling.webui import script, state
+
+    setup_host(a1111)
+    a1111.add_checkpoint("other.safetensors", "sd1", seed=9)
+    a1111.shared.opts.delta_sampling_free_on_checkpoint_change = setting
+    monkeypatch.setattr(script, "memory_short", lambda placement: short)
+    a1111.txt2img(ds())
+    first = state.CACHE.loaded[0]
+    a1111.load_checkpoint("other")
+    a1111.txt2img(ds())
+    assert (first.released, state.CACHE.loaded[0] is not first) == (freed, freed)

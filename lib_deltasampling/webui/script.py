@@ -55,6 +55,18 @@ class Run:
             hook.remove()
 
 
+SHORT_MEMORY_BYTES = 2 * 1024 ** 3
+
+
+def memory_short(placement) -> bool:
+    """Less than 2 GiB free on the source models' CUDA device (once per generation, not per step)."""
+    if placement.device.type != "cuda":
+        return False
+    import torch
+    free, _ = torch.cuda.mem_get_info(placement.device)
+    return free < SHORT_MEMORY_BYTES
+
+
 def target_latent_scale(sd_model) -> float:
     """The host model's latent scale factor (ldm/sgm `scale_factor`; by model type if absent)."""
     scale = getattr(sd_model, "scale_factor", None)
@@ -116,12 +128,13 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
     _, requests = adapter_requests(settings.adapters)
     adapter_files = tuple((r.name, files.adapter_file(r.name), r.te_multiplier, r.unet_multiplier) for r in requests)
 
+    placement = options.placement()
     host_checkpoint = getattr(getattr(shared.sd_model, "sd_checkpoint_info", None), "filename", None)
-    if options.free_on_checkpoint_change and CACHE.host_checkpoint not in (None, host_checkpoint):
-        CACHE.release_all()
+    if CACHE.host_checkpoint not in (None, host_checkpoint) and (options.free_on_checkpoint_change
+                                                                 or memory_short(placement)):
+        CACHE.release_all()  # the host loaded another model: make room before loading ours again
     CACHE.host_checkpoint = host_checkpoint
 
-    placement = options.placement()
     tokenizer = CACHE.tokenizer(options.vocab_paths(), options.webui_root())
     timestep_mode = "interpolate"  # A1111's k-diffusion wrappers interpolate sigma -> t
     base = CACHE.model(source_path, placement, tokenizer, timestep_mode)
