@@ -290,3 +290,20 @@ def test_models_are_freed_when_the_host_checkpoint_changes(a1111, monkeypatch, s
     a1111.load_checkpoint("other")
     a1111.txt2img(ds())
     assert (first.released, state.CACHE.loaded[0] is not first) == (freed, freed)
+
+
+def test_refiner_swaps_the_target_and_the_source_stays(a1111, monkeypatch):
+    from lib_deltasampling.runtime.pair import SourcePair
+
+    setup_host(a1111)
+    a1111.add_checkpoint("refiner.safetensors", "sd1", seed=9)
+    calls = []
+    original = SourcePair.denoise
+    monkeypatch.setattr(SourcePair, "denoise", lambda self, *a: (calls.append(self.base), original(self, *a))[1])
+    refine = dict(refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.5, steps=4)
+    plain = a1111.txt2img(**refine)
+    gen = a1111.txt2img(ds(), **refine)
+    assert a1111.reports == [] and "Refiner: refiner" in gen.processed.infotexts[0]
+    assert len(calls) == 4 and len({id(m) for m in calls}) == 1      # every step, one source throughout
+    assert "Delta scale" in gen.processed.infotexts[0]
+    assert not torch.equal(gen.processed.images[0], plain.processed.images[0])
