@@ -17,7 +17,8 @@ from PIL import Image, PngImagePlugin
 from lib_deltasampling.engine.infotext import format_parameters, settings_from_infotext, settings_to_infotext
 from lib_deltasampling.engine.settings import DeltaSettings
 from lib_deltasampling.errors import UserError
-from lib_deltasampling.runner.png import png_bytes, read_png_text, write_png
+from lib_deltasampling.runner.png import png_bytes, write_png
+from lib_deltasampling.runtime.pngtext import read_png_text
 
 # ---------------------------------------------------------------- reference: A1111 v1.10.1
 # Transcribed from modules/infotext_utils.py (quote, unquote, re_param, parse_generation_parameters:

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..runtime.pngtext import PNG_SIGNATURE
 
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_TEXT_BYTES = 1 << 24        # reading: refuse absurd text chunks (PIL's own limit is 1 MiB)
 _ROWS_PER_BLOCK = 256            # filter this many rows at a time (bounded memory on large images)
 
 
@@ -77,7 +76,7 @@ def png_bytes(image: np.ndarray, text: Mapping[str, str] | None = None, compress
         raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {tuple(image.shape)}")
     height, width = image.shape[:2]
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)   # 8-bit RGB, deflate, no interlace
-    parts = [SIGNATURE, _chunk(b"IHDR", header)]
+    parts = [PNG_SIGNATURE, _chunk(b"IHDR", header)]
     parts += [text_chunk(k, v) for k, v in (text or {}).items()]
     parts.append(_chunk(b"IDAT", zlib.compress(_filter_rows(np.ascontiguousarray(image), 3), compress_level)))
     parts.append(_chunk(b"IEND", b""))
@@ -101,46 +100,3 @@ def write_png(path: str | Path, image: np.ndarray, parameters: str | None = None
         raise UserError(str(path), f"cannot be written ({e.strerror or e})",
                         "Choose a folder that exists and that you may write to") from None
     return path
-
-
-def read_png_text(path: str | Path) -> dict[str, str]:
-    """Every tEXt / zTXt / iTXt chunk of a PNG as {keyword: text} (a later chunk wins, as in PIL)."""
-    path = Path(path)
-    data = path.read_bytes()
-    if not data.startswith(SIGNATURE):
-        raise UserError(str(path), "is not a PNG image", "Give a .png file")
-    out: dict[str, str] = {}
-    pos = len(SIGNATURE)
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if kind == b"IEND":
-            break
-        if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= MAX_TEXT_BYTES:
-            keyword, _, rest = body.partition(b"\0")
-            try:
-                out[keyword.decode("latin-1")] = _chunk_text(kind, rest)
-            except (zlib.error, UnicodeDecodeError, ValueError) as e:
-                raise UserError(str(path), f"its {kind.decode()} chunk {keyword!r} cannot be decoded ({e})",
-                                "Write the image again") from None
-    return out
-
-
-def _chunk_text(kind: bytes, rest: bytes) -> str:
-    if kind == b"tEXt":
-        return rest.decode("latin-1")
-    if kind == b"zTXt":                     # compression method byte, zlib stream; latin-1 text
-        return _inflate(rest[1:]).decode("latin-1")
-    compressed = rest[:1] == b"\x01"        # iTXt: flag, method, language\0, translated keyword\0, text
-    _language, _, rest = rest[2:].partition(b"\0")
-    _translated, _, text = rest.partition(b"\0")
-    return (_inflate(text) if compressed else text).decode("utf-8")
-
-
-def _inflate(data: bytes) -> bytes:
-    inflater = zlib.decompressobj()
-    out = inflater.decompress(data, MAX_TEXT_BYTES)
-    if inflater.unconsumed_tail:
-        raise ValueError("text larger than 16 MiB")
-    return out

@@ -27,8 +27,6 @@ import binascii
 import functools
 import json
 import os
-import struct
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 
 from ...errors import ModelFileError, UserError
 from ..checkpoint import SAFETENSORS_SUFFIXES, file_sha256, load_pickle_tree, open_store
+from ..pngtext import read_png_text
 from .prompt import CHUNK_TOKENS, extract_extra_networks, parse_prompt_attention, tokenize_prompt
 from .tokenizer import ClipTokenizer, pre_tokenize, whitespace_clean
 
@@ -45,9 +44,7 @@ EmbeddingVectors = Union[torch.Tensor, dict[str, torch.Tensor]]
 
 TENSOR_SUFFIXES = (".pt", ".bin", ".safetensors")       # what A1111 loads as tensor files
 IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")     # what it opens as images
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_TEXT_KEY = "sd-ti-embedding"
-MAX_TEXT_BYTES = 64 * 1024 * 1024   # an embedding's JSON is KBs; bounds zTXt/iTXt decompression
 SHORTHASH_LEN = 12                  # A1111 `Embedding.set_hash`: hash[0:12]
 FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 KNOWN_WIDTHS = {768: "SD1.x", 1024: "SD2.x"}            # single-tensor embeddings of real models
@@ -308,48 +305,11 @@ def _json_tensor(obj: dict) -> object:
 
 
 def _png_text(path: Path, key: str) -> str | None:
-    """The value of a tEXt/zTXt/iTXt chunk named `key` (chunks after the image data included)."""
-    with open(path, "rb") as f:
-        if f.read(8) != PNG_SIGNATURE:
-            raise ModelFileError(path, "is not a PNG image", "Use the embedding's .pt or .safetensors file instead")
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            length, kind = struct.unpack(">I4s", head)
-            if kind == b"IEND":
-                return None
-            if kind not in (b"tEXt", b"zTXt", b"iTXt") or length > MAX_TEXT_BYTES:
-                f.seek(length + 4, os.SEEK_CUR)   # data + CRC
-                continue
-            body = f.read(length)
-            f.seek(4, os.SEEK_CUR)
-            keyword, _, rest = body.partition(b"\0")
-            if keyword.decode("latin-1") == key:
-                return _png_chunk_text(kind, rest, path)
-
-
-def _png_chunk_text(kind: bytes, rest: bytes, path: Path) -> str:
+    """The value of the text chunk named `key` (chunks after the image data included)."""
     try:
-        if kind == b"tEXt":
-            return rest.decode("latin-1")
-        if kind == b"zTXt":                    # method byte, zlib data (latin-1 text)
-            return _inflate(rest[1:]).decode("latin-1")
-        compressed = rest[:1] == b"\x01"       # iTXt: flag, method, language\0, translated keyword\0, utf-8 text
-        _lang, _, rest2 = rest[2:].partition(b"\0")
-        _translated, _, text = rest2.partition(b"\0")
-        return (_inflate(text) if compressed else text).decode("utf-8")
-    except (zlib.error, UnicodeDecodeError, ValueError) as e:
-        raise ModelFileError(path, f"its '{PNG_TEXT_KEY}' text chunk cannot be decoded ({e.__class__.__name__})",
-                             "Use the embedding's .pt or .safetensors file instead") from None
-
-
-def _inflate(data: bytes) -> bytes:
-    d = zlib.decompressobj()
-    out = d.decompress(data, MAX_TEXT_BYTES)
-    if d.unconsumed_tail:
-        raise ValueError("text chunk too large")
-    return out
+        return read_png_text(path).get(key)
+    except ModelFileError as e:
+        raise ModelFileError(path, e.problem, "Use the embedding's .pt or .safetensors file instead") from None
 
 
 # ---------------------------------------------------------------- a folder of embeddings
