@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             return delta(x, sigma, step, steps, denoised) if delta is not None else denoised
 
         x = noise * c0
-        with torch.inference_mode(), (delta.running() if delta else _null()):
+        with torch.inference_mode(), (delta.running() if delta else nullcontext()):
             return sampler(model, x, sigmas.to(placement.device), callback=Progress(steps, label, args.quiet),
                            noise_sampler=noise_source.noise_sampler())
 
@@ -259,14 +260,6 @@ def run(args: argparse.Namespace) -> list[Path]:
                                                             {**params, "Seed": seeds[0]})})
         written.append(args.latent_out)
     return written
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _short(path: Path, n: int = 10) -> str:
