@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from a1111.fixture import a1111  # noqa: F401  (the fixture)
 from lib_deltasampling.engine.schedule import SHAPES
 from lib_deltasampling.engine.settings import FIELD_BY_NAME, FIELDS, XYZ_FIELDS, DeltaSettings
 from lib_deltasampling.errors import SettingError

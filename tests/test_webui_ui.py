@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from a1111.fixture import a1111  # noqa: F401  (the fixture)
 from lib_deltasampling.engine.infotext import SOURCE_HASH, format_parameters, settings_to_infotext
 from lib_deltasampling.engine.settings import FIELDS, DeltaSettings
 
