@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_adapters import SD15, TINY, lora_tensors, random_unet  # noqa: E402
+from bench_adapters import SD15, TINY, lora_tensors, peak_of, random_unet  # noqa: E402
+from lib_deltasampling.engine.bridge import NATIVE_PIXELS, native_latent_size  # noqa: E402
 from lib_deltasampling.engine.sampler import DeltaParams, DeltaSampler, Segment  # noqa: E402
 from lib_deltasampling.runtime.adapters.apply import AdapterSet  # noqa: E402
 from lib_deltasampling.runtime.checkpoint import TensorStore  # noqa: E402
@@ -67,12 +68,6 @@ def random_cond(model: SourceModel, rows: int, g: torch.Generator) -> dict[str, 
     return cond
 
 
-def events(cuda: bool):
-    if cuda:
-        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    return None, None
-
-
 def time_ms(fn, repeats: int, cuda: bool) -> float:
     import time
     times = []
@@ -87,16 +82,6 @@ def time_ms(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def peak_gib(fn, cuda: bool) -> float:
-    if not cuda:
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
 def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[int, int], resolution: str,
              lora: bool, steps: int, repeats: int, cuda: bool) -> dict:
     p = target.placement
@@ -109,18 +94,15 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
     sched = DiscreteSchedule()
     sigmas = torch.cat([sched.t_to_sigma(torch.linspace(999, 0, steps)), torch.zeros(1)]).to(p.device)
     noise = torch.randn(1, 4, *latent, generator=g, device=p.device)
-    target_cond = {k: v for k, v in random_cond(target, 2, g).items()}
+    target_cond = random_cond(target, 2, g)
     params = DeltaParams(scale=1.0, resolution=resolution)
     # The source's conditioning: [base_u, base_c, adapted_u, adapted_c], random (text encoders are not timed).
     src = random_cond(source, 4, g)
     conds = PairConditioning({k: v[:2] for k, v in src.items()}, {k: v[2:] for k, v in src.items()}, 2, 2, 1, src)
+    source_latent = native_latent_size(*latent, NATIVE_PIXELS["sd1"]) if resolution == "native" else latent
     sampler = DeltaSampler(pair, [Segment(steps, conds)], params, steps=steps, cfg_scale=7.0,
                            target_scale=target.latent_scale, noise=noise, noise_multiplier=sigmas[0].item(),
-                           sigma0=sigmas[0].item())
-    from lib_deltasampling.engine.bridge import NATIVE_PIXELS, native_latent_size
-    if resolution == "native":
-        sampler.source_size = native_latent_size(*latent, NATIVE_PIXELS["sd1"])
-    source_latent = sampler.source_size
+                           sigma0=sigmas[0].item(), source_size=source_latent)
     sig = [sigmas[i:i + 1] for i in range(steps + 1)]  # per-step views made once: no host work in the loop
 
     def target_denoised(x, i):
@@ -145,8 +127,8 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
         t_ds = time_ms(lambda: loop(True), repeats, cuda) / steps
         f_target = time_ms(lambda: target_denoised(noise, 0), repeats * 5, cuda)
         f_source = time_ms(lambda: pair.denoise(xs, sig[0], conds), repeats * 5, cuda)
-        peak_target = peak_gib(lambda: loop(False), cuda)
-        peak_ds = peak_gib(lambda: loop(True), cuda)
+        peak_target = peak_of(lambda: loop(False), cuda)
+        peak_ds = peak_of(lambda: loop(True), cuda)
     ideal = f_target + f_source
     source_weights = sum(t.numel() * t.element_size() for t in source.unet.parameters()) / 2**30
     return {"case": name, "latent": f"{latent[0]}x{latent[1]}", "source_latent": f"{source_latent[0]}x{source_latent[1]}",

@@ -124,7 +124,7 @@ def host_adapters() -> list[tuple[str, str, Path]]:
     from . import files
 
     out = []
-    for name, _ in files.lora_choices():
+    for name in files.folder_loras():
         try:
             out.append((name, name, files.adapter_file(name)))
         except UserError:

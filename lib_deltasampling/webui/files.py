@@ -39,22 +39,10 @@ def _inside(path: Path, folders: list[Path]) -> bool:
     return any(resolved.is_relative_to(f.resolve()) for f in folders)
 
 
-def lora_choices() -> list[tuple[str, str]]:
-    """(name, label) of every LoRA the host lists."""
-    names = _host_loras()
-    if names is None:
-        names = {p.stem: p for d in _lora_dirs() if d.is_dir() for s in ADAPTER_SUFFIXES for p in d.rglob("*" + s)}
-    return [(name, name) for name in sorted(names, key=str.lower)]
-
-
-def _host_loras() -> dict[str, Path] | None:
-    """The Lora extension's `networks.available_networks` (name -> file), if it is loaded."""
-    import sys
-    networks = sys.modules.get("networks")
-    available = getattr(networks, "available_networks", None) if networks else None
-    if available is None:
-        return None
-    return {name: Path(entry.filename) for name, entry in available.items()}
+def folder_loras() -> list[str]:
+    """LoRA names found in the LoRA folders (used when the Lora extension's list is not loaded)."""
+    names = {p.stem for d in _lora_dirs() if d.is_dir() for s in ADAPTER_SUFFIXES for p in d.rglob("*" + s)}
+    return sorted(names, key=str.lower)
 
 
 def adapter_file(name: str) -> Path:

@@ -86,10 +86,9 @@ class PassHook:
     """
 
     def __init__(self, sampler: DeltaSampler, schedule: DiscreteSchedule,
-                 on_applied: Callable[[], None], on_error: Callable[[BaseException], None]) -> None:
+                 on_error: Callable[[BaseException], None]) -> None:
         self.sampler = sampler
         self.schedule = schedule
-        self.on_applied = on_applied
         self.on_error = on_error
         self.pending: _Pending | None = None
         self.failed = False
@@ -123,12 +122,10 @@ class PassHook:
                 d = self.sampler(pending.x, pending.sigma, pending.step, pending.steps, d_t)
                 if d is not d_t:
                     params.x = x0_to_eps(pending.x, d, pending.sigma).to(params.x.dtype)
-                    self.on_applied()
             else:
                 d = self.sampler(pending.x, pending.sigma, pending.step, pending.steps, params.x)
                 if d is not params.x:
                     params.x = d.to(params.x.dtype)
-                    self.on_applied()
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
 

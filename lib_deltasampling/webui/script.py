@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.infotext import ADAPTED_HASH, ADAPTER_HASHES, SOURCE_HASH, format_hashes, settings_to_infotext
@@ -47,7 +47,7 @@ class Run:
     infotext: dict[str, str]
     hook: PassHook | None = None
     failed: bool = False
-    applied_keys: set[str] = field(default_factory=set)
+    infotext_written: bool = False  # run.infotext went into p.extra_generation_params
 
     def close(self) -> None:
         if self.hook is not None:
@@ -198,10 +198,10 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
             target_scale=target_latent_scale(target), noise=noise, noise_multiplier=c0,
             sigma0=sigma0, embeddings=embeddings, adapted_embeddings=adapted_embeddings, generate_mask=mask,
             should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped))
-        run.hook = PassHook(sampler, schedule, on_applied=lambda: None, on_error=lambda exc: fail(p, exc))
+        run.hook = PassHook(sampler, schedule, on_error=lambda exc: fail(p, exc))
         run.hook.install()
         p.extra_generation_params.update(run.infotext)
-        run.applied_keys.update(run.infotext)
+        run.infotext_written = True
     except Exception as exc:  # noqa: BLE001
         fail(p, exc)
 
@@ -226,8 +226,8 @@ def fail(p, exc: BaseException) -> None:
         run.close()
     if isinstance(exc, GenerationInterrupted):
         return  # the user pressed Interrupt/Skip: A1111 stops; the steps so far did get the delta
-    if run is not None:
-        for key in run.applied_keys:
+    if run is not None and run.infotext_written:
+        for key in run.infotext:
             p.extra_generation_params.pop(key, None)
     if isinstance(exc, UserError):
         message = f"Delta Sampling stopped the generation: {exc}"
