@@ -381,3 +381,44 @@ def test_options_defaults_registration_and_reading(a1111, caplog):  # noqa: F811
         assert logger.level == logging.DEBUG
     finally:
         logger.setLevel(before)
+
+
+# Keyword arguments of `update()` in gradio 3.41.2 (gradio/components/{checkbox,dropdown,radio,
+# textbox}.py), besides `value`. A1111's Settings page passes every option's component_args to it
+# on each load (modules/ui_settings.py `get_value_for_setting`); gradio raises TypeError on others.
+GRADIO_3_41_2_UPDATE_KEYS = {
+    "Checkbox": {"label", "info", "show_label", "container", "scale", "min_width", "interactive", "visible"},
+    "Dropdown": {"choices", "label", "info", "show_label", "container", "scale", "min_width", "interactive",
+                 "placeholder", "visible"},
+    "Radio": {"choices", "label", "info", "show_label", "container", "scale", "min_width", "interactive", "visible"},
+    "Textbox": {"lines", "max_lines", "placeholder", "label", "info", "show_label", "container", "scale",
+                "min_width", "visible", "interactive", "type", "text_align", "rtl", "show_copy_button", "autofocus"},
+}
+
+
+def test_settings_page_updates_only_with_keys_gradio_3_41_accepts(a1111, monkeypatch):  # noqa: F811
+    options = webui("options")
+    a1111.load_scripts(a1111.repo / "scripts" / "delta_sampling.py")
+    a1111.create_ui()
+    ui_settings = a1111.ui_settings
+    opts = a1111.shared.opts
+    keys = [options.option_key(f.name) for f in options.fields(options.WebuiOptions)]
+    for key in keys:
+        component = ui_settings.setting_component_class(key)
+        update = ui_settings.get_value_for_setting(key)
+        assert update["value"] == getattr(opts, key)
+        extra = set(update) - {"value", "__type__"}
+        assert extra <= GRADIO_3_41_2_UPDATE_KEYS[component.__name__], (key, extra)
+        ui_settings.create_setting_component(key)                 # the constructor takes them too
+
+    device = options.option_key("device")
+    assert opts.data_labels[device].component.__name__ == "Dropdown"
+    choices = ui_settings.get_value_for_setting(device)["choices"]
+    assert choices[:2] == ["auto", "cpu"] and all(c in choices for c in ("auto", "cpu"))
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ui_settings.get_value_for_setting(device)["choices"][:5] == ["auto", "cpu", "cuda", "cuda:0", "cuda:1"]
+    opts.set(device, "cuda:3")                                   # saved on another machine
+    assert options.read_options().device == "cuda:3"
+    assert ui_settings.get_value_for_setting(device)["choices"][-1] == "cuda:3"

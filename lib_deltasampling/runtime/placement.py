@@ -74,6 +74,17 @@ def parse_device(value: str | torch.device | None) -> torch.device:
     raise SettingError(DEVICE_SETTING, f"'{value}' is not a device", f"Use one of: {_DEVICE_CHOICES}")
 
 
+def device_choices() -> list[str]:
+    """The devices this machine offers for the source models: auto, cpu, cuda and cuda:0..N-1 for
+    the GPUs PyTorch sees, mps where Apple's backend is available."""
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        choices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if _mps_available():
+        choices.append("mps")
+    return choices
+
+
 def parse_dtype(value: str | None, device: torch.device) -> torch.dtype:
     """'auto' / None: fp16 on CUDA and MPS, fp32 on the CPU. Refuses what the device cannot run."""
     text = (value or "auto").strip().lower()

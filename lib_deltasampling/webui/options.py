@@ -16,7 +16,6 @@ log = logging.getLogger("delta-sampling")
 
 SECTION = ("delta_sampling", "Delta Sampling")
 CATEGORY = "sd"                      # A1111's "Stable Diffusion" settings category
-DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 LOG_LEVELS = ("WARNING", "INFO", "DEBUG")
 KEY_PREFIX = "delta_sampling_"
@@ -73,12 +72,28 @@ def apply_log_level(level: str | None = None) -> None:
     logging.getLogger("delta-sampling").setLevel(getattr(logging, level, logging.WARNING))
 
 
+def device_component_args() -> dict[str, Any]:
+    """The device dropdown's choices, computed when the settings page is built or loaded (A1111's
+    `ui_settings.py` calls a callable `component_args` there). A1111 passes these keys both to the
+    component's constructor and, on every page load (`get_value_for_setting`), to gradio's
+    `Component.update()`, so only keys both accept may appear: gradio 3.41's `Dropdown.update` has
+    no `allow_custom_value`. A saved value this machine does not list (e.g. cuda:3 from another
+    machine) is added to the choices so it still shows; `read_options` reads it as saved and the
+    placement check says why it cannot be used."""
+    from ..runtime.placement import device_choices
+
+    choices = device_choices()
+    current = read_options().device
+    if current not in choices:
+        choices.append(current)
+    return {"choices": choices}
+
+
 def _option_infos(shared: Any, gr: Any) -> dict[str, Any]:
     d = WebuiOptions()
     info = shared.OptionInfo
     return {
-        "device": info(d.device, LABELS["device"], gr.Dropdown,
-                       {"choices": list(DEVICES), "allow_custom_value": True}),
+        "device": info(d.device, LABELS["device"], gr.Dropdown, device_component_args),
         "dtype": info(d.dtype, LABELS["dtype"], gr.Radio, {"choices": list(DTYPES)}),
         "keep_loaded": info(d.keep_loaded, LABELS["keep_loaded"]).info(
             "off: freed after every generation, which saves memory but reloads them each time"),
