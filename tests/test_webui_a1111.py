@@ -269,12 +269,46 @@ def test_a_scale_grid_runs_from_a_closed_accordion_and_loads_the_source_once(a11
     p.scripts = runner
     p.script_args = a1111.script_args("txt2img", {TITLE: [{"enabled": False, "source_checkpoint": "source.safetensors",
                                                            "adapters": "<lora:moxin:1>"}]})
-    processed = plot.run(p, labels.index("Delta scale"), "0, 2", [], 0, "", [], 0, "", [],
+    processed = plot.run(p, labels.index("Delta scale"), "0, 1, 2", [], 0, "", [], 0, "", [],
                          True, False, False, False, False, False, False, 0, False)
     assert a1111.reports == []
     texts = [t for t in processed.infotexts if "Steps:" in t]
-    assert any("Delta scale: 0.0" in t for t in texts) and any("Delta scale: 2.0" in t for t in texts)
+    assert len(texts) == 3 and "Delta" not in texts[0]  # scale 0 is off: no claim in its cell
+    assert "Delta scale: 1.0" in texts[1] and "Delta scale: 2.0" in texts[2]
     assert len(loads) == 1 and our_callbacks(a1111) == 0
+
+
+@pytest.mark.parametrize("settings, run", [
+    (dict(scale=0.0), {}),
+    (dict(scale=0.0, hires=True), dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.6,
+                                       hr_upscaler="Latent")),
+    (dict(scale=2.0, start=0.5, end=0.6), dict(steps=4)),          # steps at 0, .25, .5, .75: 0.5 <= .5 < .6 holds one
+    (dict(scale=2.0, start=0.3, end=0.45), dict(steps=4)),         # no step in [0.3, 0.45): off
+])
+def test_a_weight_of_zero_at_every_step_is_off(a1111, monkeypatch, settings, run):
+    """Scale 0 (or a window holding no step of any pass) loads nothing, installs nothing, claims nothing,
+    and gives the image of Delta Sampling off; unlike off, it frees nothing."""
+    from lib_deltasampling.webui import state
+    from lib_deltasampling.webui.hooks_a1111 import PassHook
+
+    setup_host(a1111)
+    applies = settings.get("start") == 0.5
+    loads, installs = [], []
+    original_load, original_install = state.load_model, PassHook.install
+    monkeypatch.setattr(state, "load_model", lambda *a, **k: (loads.append(a[0]), original_load(*a, **k))[1])
+    monkeypatch.setattr(PassHook, "install", lambda self: (installs.append(self), original_install(self))[1])
+    off = a1111.txt2img({TITLE: [{"enabled": False, "source_checkpoint": "source.safetensors"}]}, **run)
+    zero = a1111.txt2img(ds(**settings), **run)
+    assert a1111.reports == [] and our_callbacks(a1111) == 0
+    if applies:  # the control case: the same check sees a window with a step in it
+        assert loads and installs and "Delta scale" in zero.processed.infotexts[0]
+        return
+    assert loads == [] and installs == [] and state.CACHE.loaded == []
+    assert "Delta" not in zero.processed.infotexts[0]
+    assert torch.equal(zero.processed.images[0], off.processed.images[0])
+    a1111.txt2img(ds())                         # loads the source ...
+    a1111.txt2img(ds(**settings), **run)        # ... which scale 0 keeps loaded
+    assert len(loads) == 1 and state.CACHE.loaded
 
 
 @pytest.mark.parametrize("setting, short, freed", [(True, False, True), (False, True, True), (False, False, False)])

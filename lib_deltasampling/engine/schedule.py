@@ -45,3 +45,9 @@ def compute_steps(steps: int, start: float, end: float, reuse: int) -> list[bool
     inside = [window_position(i, steps, start, end) is not None for i in range(steps)]
     first = next((i for i, v in enumerate(inside) if v), None)
     return [v and (i - first) % reuse == 0 for i, v in enumerate(inside)] if first is not None else inside
+
+
+def never_applies(step_counts, scale: float, start: float, end: float, shape: str) -> bool:
+    """True when lambda is 0 at every step of every pass (`step_counts`: the steps of each pass that
+    will run): scale 0, or a window that holds no step. Then Delta Sampling is off for the generation."""
+    return all(w == 0.0 for steps in step_counts for w in step_weights(steps, scale, start, end, shape))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..engine.infotext import ADAPTED_HASH, ADAPTER_HASHES, SOURCE_HASH, format_hashes, settings_to_infotext
 from ..engine.sampler import DeltaSampler
+from ..engine.schedule import never_applies
 from ..engine.settings import DeltaSettings
 from ..errors import SettingError, UserError
 from ..runtime.adapters.tags import adapter_requests
@@ -110,10 +111,32 @@ def process(p, *args) -> None:
     if not settings.enabled:
         CACHE.release_all()  # off: nothing stays loaded (and nothing loads)
         return
+    if never_applies(pass_steps(p, settings), settings.scale, settings.start, settings.end, settings.schedule):
+        # scale 0 (or a window holding no step) is off too, but keeps what is loaded: a grid over
+        # the scale 0, 1, 2 must not reload the source per cell
+        log.debug("Delta Sampling: the weight is 0 at every step (scale %s, window %s..%s): not run",
+                  settings.scale, settings.start, settings.end)
+        return
     try:
         setattr(p, RUN_ATTR, prepare_run(p, settings, options))
     except Exception as exc:  # noqa: BLE001 - A1111 would swallow it; fail() stops the run instead
         fail(p, exc)
+
+
+def pass_steps(p, settings: DeltaSettings) -> list[int]:
+    """The sampler steps of each pass the delta would see, as A1111 1.10 runs them: txt2img
+    `p.steps`; img2img `t_enc + 1` (`sd_samplers_common.setup_img2img_steps`, what `launch_sampling`
+    gets); the hires pass `hr_second_pass_steps or steps` (its img2img call with explicit steps)."""
+    from modules import sd_samplers_common
+
+    if getattr(p, "init_images", None) is not None and hasattr(p, "denoising_strength"):
+        _, t_enc = sd_samplers_common.setup_img2img_steps(p)
+        counts = [t_enc + 1]
+    else:
+        counts = [p.steps]
+    if settings.hires and getattr(p, "enable_hr", False):
+        counts.append(getattr(p, "hr_second_pass_steps", 0) or p.steps)
+    return counts
 
 
 def prepare_run(p, settings: DeltaSettings, options) -> Run:
