@@ -1,0 +1,228 @@
+"""The extension inside a real AUTOMATIC1111 1.10.1 (CPU, full-size random SD1.5), driven over its HTTP API.
+
+Pixel comparisons: the same seed and settings give the same image in one process (CPU, deterministic
+kernels), so "equal" is exact and "changed" means a visible difference (mean |diff| over one level).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from models import LORA, SOURCE, TARGET
+
+SCALE_KEY = "Delta scale"
+
+
+def ds(**kw) -> dict:
+    return {"source_checkpoint": SOURCE, "adapters": f"<lora:{LORA}:1>", "scale": 2.0, **kw}
+
+
+def changed(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.abs(a - b).mean()) > 1.0
+
+
+def delta_keys(text_or_params) -> set[str]:
+    keys = text_or_params.keys() if isinstance(text_or_params, dict) else re.findall(r"(Delta [\w -]+?):", text_or_params)
+    return {k for k in keys if k.startswith("Delta")}
+
+
+def png_of(rgb: np.ndarray) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def init_image() -> str:
+    y, x = np.mgrid[0:64, 0:64]
+    return png_of(np.stack([x * 4, y * 4, (x + y) * 2], axis=-1) % 256)
+
+
+# ------------------------------------------------------------------ txt2img: on, off, scale 0
+
+def test_txt2img_delta_changes_the_image_and_scale_zero_is_off(real_a1111):
+    off = real_a1111.txt2img(prompt="a fox in the snow")
+    on = real_a1111.txt2img(ds(), prompt="a fox in the snow")
+    zero = real_a1111.txt2img(ds(scale=0.0), prompt="a fox in the snow")
+    again = real_a1111.txt2img(ds(), prompt="a fox in the snow")
+
+    assert changed(on.image(), off.image())
+    assert np.array_equal(on.image(), again.image())           # deterministic: the comparison means something
+    assert np.array_equal(zero.image(), off.image())            # scale 0 = off, pixel for pixel
+    assert not delta_keys(off.params) and not delta_keys(zero.params)  # nothing claims a delta it did not get
+    params = on.params
+    assert params[SCALE_KEY] == "2.0" and params["Delta source"] == SOURCE
+    assert params["Delta adapters"] == f"<lora:{LORA}:1>"
+    assert re.fullmatch(r"[0-9a-f]{10}", params["Delta source hash"])
+    assert re.fullmatch(rf"{LORA}: [0-9a-f]{{12}}", params["Delta adapter hashes"])
+    assert "Delta scale: 2.0" in on.infotexts[0]
+
+
+def test_scale_zero_loads_nothing_and_runs_no_source(hosts):
+    """A fresh host: a scale-0 generation must not load the source pair or run it."""
+    host = hosts.get("sd15", TARGET, fresh=True)
+    off = host.txt2img(prompt="a cat")
+    zero = host.txt2img(ds(scale=0.0), prompt="a cat")
+    assert np.array_equal(zero.image(), off.image())
+    assert "loading source model" not in host.console_text()
+    on = host.txt2img(ds(), prompt="a cat")
+    assert "loading source model" in host.console_text()
+    assert changed(on.image(), off.image())
+
+
+def test_one_console_line_per_generation(real_a1111):
+    before = real_a1111.console_text()
+    real_a1111.txt2img(ds(), prompt="a fox")
+    new = real_a1111.console_text()[len(before):]
+    lines = [line for line in new.splitlines() if "Delta Sampling" in line and SOURCE in line]
+    assert len(lines) == 1, new
+    assert "scale 2" in lines[0] and LORA in lines[0]
+    assert re.search(r"\d+(\.\d+)? ?s", lines[0])            # time spent in the source
+
+
+# ------------------------------------------------------------------ infotext round trip (PNG Info)
+
+def test_png_info_round_trip(real_a1111):
+    on = real_a1111.txt2img(ds(start=0.0, end=0.5, schedule="linear", guidance="cond", reuse=2), prompt="a fox")
+    result = real_a1111.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + on.png_b64()})
+    assert result.status == 200
+    info = result.json()
+    assert "Delta scale: 2.0" in info["info"]
+    params = info["parameters"]
+    assert params["Delta scale"] in (2.0, "2.0") and params["Delta schedule"] == "linear"
+    assert params["Delta guidance"] == "cond" and str(params["Delta reuse"]) == "2"
+    assert params["Delta source"] == SOURCE
+
+
+# ------------------------------------------------------------------ img2img, hires, batch + AND
+
+def test_img2img_on_off_and_scale_zero(real_a1111):
+    common = dict(prompt="a fox", init_images=[init_image()], denoising_strength=0.75, steps=4)
+    off = real_a1111.img2img(**common)
+    on = real_a1111.img2img(ds(), **common)
+    zero = real_a1111.img2img(ds(scale=0.0), **common)
+    assert changed(on.image(), off.image())
+    assert np.array_equal(zero.image(), off.image())
+    assert on.params[SCALE_KEY] == "2.0" and not delta_keys(zero.params)
+
+
+def test_hires_pass_gets_the_delta_when_asked(real_a1111):
+    hires = dict(prompt="a fox", enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2,
+                 denoising_strength=0.6)
+    off = real_a1111.txt2img(**hires)
+    both = real_a1111.txt2img(ds(hires=True), **hires)
+    first_only = real_a1111.txt2img(ds(hires=False), **hires)
+    assert off.image().shape == (128, 128, 3)
+    assert changed(both.image(), off.image()) and changed(first_only.image(), off.image())
+    assert changed(both.image(), first_only.image())           # the second pass got its own delta
+    assert both.params["Delta hires"] == "True" and first_only.params["Delta hires"] == "False"
+
+
+def test_batch_with_and_prompts(real_a1111):
+    common = dict(prompt="a fox AND a cat :0.7", batch_size=2, seed=5)
+    off = real_a1111.txt2img(**common)
+    on = real_a1111.txt2img(ds(), **common)
+    assert len(on.images()) == 2
+    for a, b in zip(on.images(), off.images()):
+        assert changed(a, b)
+    alone = real_a1111.txt2img(ds(), prompt="a fox AND a cat :0.7", seed=6)
+    # the second image of the batch is seed 6: equal to seed 6 alone (batch rows are independent)
+    assert np.abs(alone.image() - on.image(1)).max() <= 2
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM"])
+def test_samplers(real_a1111, sampler):
+    common = dict(prompt="a fox", sampler_name=sampler, steps=3)
+    off = real_a1111.txt2img(**common)
+    on = real_a1111.txt2img(ds(), **common)
+    zero = real_a1111.txt2img(ds(scale=0.0), **common)
+    assert changed(on.image(), off.image())
+    assert np.array_equal(zero.image(), off.image())
+    assert on.info["sampler_name"] == sampler
+
+
+# ------------------------------------------------------------------ X/Y/Z plot over the Delta scale
+
+def xyz_args(real_a1111, mode: str, axis: str, values: str) -> tuple[str, list]:
+    info = real_a1111.get("/sdapi/v1/script-info").json()
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and s["is_img2img"] == (mode == "img2img"))
+    choices = xyz["args"][0]["choices"]
+    none = choices.index("Nothing")
+    # xyz_grid.py (1.10) run(): x_type, x_values, x_values_dropdown, y..., z..., draw_legend,
+    # include_lone_images, include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, margin_size, csv_mode
+    return xyz["name"], [choices.index(axis), values, [], none, "", [], none, "", [],
+                         True, True, False, False, False, False, False, 0, False]
+
+
+def test_xyz_plot_over_delta_scale(real_a1111):
+    name, args = xyz_args(real_a1111, "txt2img", "Delta scale", "0, 1, 2")
+    before = real_a1111.console_text().count("loading source model")
+    grid = real_a1111.generate("txt2img", ds(), prompt="a fox", script_name=name, script_args=args)
+    images = grid.images()
+    assert len(images) == 4                                    # the grid, then the three cells
+    infotexts = grid.infotexts
+    assert "Delta scale" not in infotexts[1]                   # the scale-0 cell: no delta, no claim
+    assert "Delta scale: 1.0" in infotexts[2] and "Delta scale: 2.0" in infotexts[3]
+    off = real_a1111.txt2img(prompt="a fox")
+    assert np.array_equal(images[1], off.image())
+    assert changed(images[2], images[1]) and changed(images[3], images[2])
+    assert real_a1111.console_text().count("loading source model") - before <= 1   # one load for the grid
+
+
+# ------------------------------------------------------------------ the extension's route and the API checks
+
+def test_models_route(real_a1111):
+    body = real_a1111.get("/delta-sampling/v1/models").json()
+    names = {c["name"]: c["family"] for c in body["checkpoints"]}
+    assert names[SOURCE] == "SD1.x" and names[TARGET] == "SD1.x"
+    adapters = {a["name"]: a for a in body["adapters"]}
+    assert adapters[LORA]["family"] == "SD1.x" and adapters[LORA]["tag"] == f"<lora:{LORA}:1>"
+
+
+@pytest.mark.parametrize("args, words", [
+    (ds(source_checkpoint="nope.safetensors"), ["nope.safetensors", "checkpoint"]),
+    (ds(adapters="<lora:missing:1>"), ["missing"]),
+    (ds(scale="lots"), ["scale", "number"]),
+    (ds(scale=1e9), ["scale"]),
+    (ds(schedul="linear"), ["schedul"]),
+    (ds(source_checkpoint="../../etc/passwd"), ["passwd"]),
+])
+def test_bad_arguments_get_422_and_the_host_keeps_working(real_a1111, args, words):
+    result = real_a1111.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                              "alwayson_scripts": {"Delta Sampling": {"args": [args]}}})
+    assert result.status == 422, result.body[:500]
+    text = result.body.decode().lower()
+    for word in words:
+        assert word.lower() in text, text
+    assert real_a1111.get("/sdapi/v1/progress").status == 200
+
+
+def test_interrupt_keeps_the_host_usable_and_leaves_no_hook(real_a1111):
+    off_before = real_a1111.txt2img(prompt="a fox")
+    done = {}
+
+    def run():
+        done["g"] = real_a1111.txt2img(ds(), prompt="a fox", steps=40)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = real_a1111.get("/sdapi/v1/progress?skip_current_image=true").json()["state"]
+        if state.get("sampling_step", 0) >= 1:
+            break
+        time.sleep(0.2)
+    assert real_a1111.post("/sdapi/v1/interrupt", {}).status == 200
+    thread.join(300)
+    assert not thread.is_alive()
+    interrupted = done["g"]
+    assert interrupted.params.get(SCALE_KEY) == "2.0"    # the steps that ran did get the delta
+    off_after = real_a1111.txt2img(prompt="a fox")
+    assert np.array_equal(off_after.image(), off_before.image())   # no callback left behind
