@@ -230,3 +230,60 @@ def test_adapted_identical_to_base_gives_exactly_the_target_result(tmp_path, tok
     with s.running():
         out = s(noise * 14.6, torch.tensor([14.6, 14.6]), 0, 4, d_t)
     assert torch.equal(out, d_t)
+
+
+class SlowPair(StubPair):
+    def denoise(self, x, sigma, conds):
+        import time
+        time.sleep(0.02)
+        return super().denoise(x, sigma, conds)
+
+
+def test_stats_count_the_source_runs_and_their_time_across_passes():
+    from lib_deltasampling.engine.sampler import SourceStats
+
+    stats = SourceStats()
+    first = make(SlowPair(), DeltaParams(start=0.0, end=0.5, reuse=2), steps=8)
+    first.stats = stats
+    x = torch.zeros(1, 4, 4, 6)
+    for step in range(8):
+        first(x, torch.tensor([1.0]), step, 8, x)
+    assert stats.forwards == 2                                       # steps 0 and 2 of the window 0..3
+    hires = make(SlowPair(), DeltaParams(), steps=2)
+    hires.stats = stats                                              # the hires pass adds to the same stats
+    for step in range(2):
+        hires(x, torch.tensor([1.0]), step, 2, x)
+    assert stats.forwards == 4 and 0.08 <= stats.seconds() < 5.0
+
+
+def test_stats_on_cuda_record_events_and_sync_only_when_asked(monkeypatch):
+    """On CUDA no host sync per step: two events per source run, summed once by `seconds()`."""
+    from lib_deltasampling.engine.sampler import SourceStats
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self, stream):
+            log.append(("record", stream))
+            self.t = len(log)
+
+        def synchronize(self):
+            log.append(("sync",))
+
+        def elapsed_time(self, end):
+            return 250.0 * (end.t - self.t)                          # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    stats = SourceStats()
+    for _ in range(3):
+        with stats.measure(torch.device("cuda", 1)):
+            pass
+    assert stats.forwards == 3 and ("sync",) not in log and len(log) == 6
+    assert all(entry == ("record", "stream of cuda:1") for entry in log)
+    assert stats.seconds() == pytest.approx(3 * 0.25) and log[-1] == ("sync",)
+    assert stats.seconds() == pytest.approx(0.75)                   # summed once, kept

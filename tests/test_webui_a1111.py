@@ -354,3 +354,54 @@ def test_refiner_swaps_the_target_and_the_source_stays(a1111, monkeypatch):
     assert len(calls) == 4 and len({id(m) for m in calls}) == 1      # every step, one source throughout
     assert "Delta scale" in gen.processed.infotexts[0]
     assert not torch.equal(gen.processed.images[0], plain.processed.images[0])
+
+
+def test_one_console_line_per_generation(a1111, caplog):
+    import logging
+
+    setup_host(a1111)
+    assert logging.getLogger("delta-sampling").getEffectiveLevel() == logging.INFO   # the default
+    a1111.txt2img(ds())                                   # loads the source (its own INFO line)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="delta-sampling"):
+        a1111.txt2img(ds(scale=2.5, adapters="<lora:moxin:0.8> ink"), steps=4)
+    infos = [r.getMessage() for r in caplog.records if r.name == "delta-sampling" and r.levelno >= logging.INFO]
+    assert len(infos) == 1, infos
+    line = infos[0]
+    for part in ("source source.safetensors", "adapters <lora:moxin:0.8> ink", "scale 2.5", "guidance full",
+                 "4 source forwards", " s in the source"):
+        assert part in line, (part, line)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="delta-sampling"):
+        a1111.txt2img(ds(scale=0.0))
+        a1111.txt2img({TITLE: [{"enabled": False}]})
+    assert not [r for r in caplog.records if r.name == "delta-sampling" and r.levelno >= logging.INFO]
+
+
+@pytest.mark.parametrize("host_configured", [False, True])
+def test_the_console_line_is_printed_once_whether_or_not_the_host_set_up_logging(a1111, host_configured,
+                                                                                monkeypatch, capsys):
+    """A1111 1.10 adds a root handler only with SD_WEBUI_LOG_LEVEL (modules/logging_config.py); a
+    module-level `logging.warning` (e.g. sd_samplers' scheduler autocorrection) adds basicConfig's."""
+    import io
+    import logging
+
+    setup_host(a1111)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])             # as A1111 starts (pytest's own are set aside)
+    host_stream, our_stream = io.StringIO(), io.StringIO()
+    if host_configured:
+        root.addHandler(logging.StreamHandler(host_stream))
+    logger = logging.getLogger("delta-sampling")
+    ours = [h for h in logger.handlers if type(h).__name__ == "ConsoleHandler"]
+    assert len(ours) == 1
+    monkeypatch.setattr(ours[0], "stream", our_stream)
+    a1111.txt2img(ds(), scheduler="Automatic")
+    printed = host_stream.getvalue() + our_stream.getvalue() + capsys.readouterr().err
+    assert printed.count("Delta Sampling: source source.safetensors") == 1, printed
+    assert (our_stream.getvalue() == "") is host_configured
+
+    root.handlers = []                                      # nobody configured logging: ours prints
+    logger.info("probe")
+    assert our_stream.getvalue().count("probe") == 1 and "probe" not in capsys.readouterr().err
+

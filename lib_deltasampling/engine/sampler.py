@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -86,11 +87,55 @@ def _prompt_at(prompt: str, steps: int, step: int) -> str:
     return next((text for end, text in schedule if step <= end), schedule[-1][1])
 
 
+@dataclass
+class SourceStats:
+    """How often the source pair ran and the time it took, over one generation (all its passes).
+
+    `forwards` counts the runs of the source pair (one batched forward of all its rows when the
+    adaptation is LoRA-like; base then adapted with an adapted checkpoint). No host syncs on the
+    step path: on CUDA each run is bracketed by a pair of timing events recorded on the source
+    device's current stream, and `seconds()` waits for the last one and sums them once, at the end
+    of the generation. Elsewhere `time.perf_counter`: exact on the CPU; on MPS (asynchronous) it is
+    the time to queue the work, a lower bound."""
+
+    forwards: int = 0
+    _wall: float = 0.0
+    _events: list = field(default_factory=list)
+
+    @contextmanager
+    def measure(self, device: torch.device) -> Iterator[None]:
+        self.forwards += 1
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            try:
+                yield
+            finally:
+                end.record(stream)
+                self._events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._wall += time.perf_counter() - t0
+
+    def seconds(self) -> float:
+        """Total time in the source forwards (waits for the last CUDA event: call it once, at the end)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._wall += sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
+            self._events.clear()
+        return self._wall
+
+
 class DeltaSampler:
     def __init__(self, pair: SourcePair, segments: Sequence[Segment], params: DeltaParams, *, steps: int,
                  cfg_scale: float, target_scale: float, noise: torch.Tensor, noise_multiplier: float,
                  sigma0: float, source_size: tuple[int, int] | None = None,
-                 generate_mask: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None) -> None:
+                 generate_mask: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None,
+                 stats: SourceStats | None = None) -> None:
         params.check()
         self.pair = pair
         self.segments = list(segments)
@@ -105,6 +150,9 @@ class DeltaSampler:
         self.source_size = source_size or self.target_size
         self.generate_mask = generate_mask
         self.should_stop = should_stop
+        self.stats = stats if stats is not None else SourceStats()  # shared by the passes of a generation
+        placement = getattr(pair.base, "placement", None)
+        self.source_device = placement.device if placement is not None else None
         self._plan(steps)
         self._delta: torch.Tensor | None = None
 
@@ -122,7 +170,8 @@ class DeltaSampler:
                 embeddings: Mapping[str, EmbeddingVectors] = {},
                 adapted_embeddings: Mapping[str, EmbeddingVectors] | None = None,
                 generate_mask: torch.Tensor | None = None,
-                should_stop: Callable[[], bool] | None = None) -> "DeltaSampler":
+                should_stop: Callable[[], bool] | None = None,
+                stats: SourceStats | None = None) -> "DeltaSampler":
         """Encode every prompt-editing segment of both branches once, then build the sampler.
         `noise` is the initial unit noise [B, C, h, w] at the target's latent size."""
         params.check()
@@ -144,7 +193,7 @@ class DeltaSampler:
             start = end + 1
         return cls(pair, segments, params, steps=steps, cfg_scale=cfg_scale, target_scale=target_scale, noise=noise,
                    noise_multiplier=noise_multiplier, sigma0=sigma0, source_size=source_size,
-                   generate_mask=generate_mask, should_stop=should_stop)
+                   generate_mask=generate_mask, should_stop=should_stop, stats=stats)
 
     @contextmanager
     def running(self) -> Iterator["DeltaSampler"]:
@@ -176,7 +225,8 @@ class DeltaSampler:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         x_s = source_input(x, self.noise, sigma, self.noise_per_sigma, self.target_scale, self.source_scale)
         x_s = resize_latent(x_s, self.source_size)
-        outs = self.pair.denoise(x_s, sigma, self.conds_at(step))
+        with self.stats.measure(self.source_device or x_s.device):
+            outs = self.pair.denoise(x_s, sigma, self.conds_at(step))
         if self.params.guidance == "full":
             delta = source_delta(*outs, self.cfg)
         else:

@@ -30,7 +30,7 @@ class WebuiOptions:
     keep_loaded: bool = True                    # keep the source models between generations
     free_on_checkpoint_change: bool = False     # free them when the WebUI's checkpoint changes
     vocab_path: str = ""                        # CLIP vocabulary file/folder; empty: search
-    log_level: str = "WARNING"
+    log_level: str = "INFO"                     # INFO: one line per generation that ran the delta
 
     def placement(self):
         """Device and dtype of the source models (runtime/placement.py; checks the device exists)."""
@@ -66,10 +66,44 @@ LABELS = {
 }
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Prints the "delta-sampling" logger's records on the console while the host has not
+    configured logging. A1111 1.10 adds a root handler only when SD_WEBUI_LOG_LEVEL (or
+    --loglevel) is set (modules/logging_config.py `setup_logging`, which leaves an already
+    configured root alone); without one, an INFO record would go nowhere. When the root logger has
+    a handler, our records propagate to it and this one stays quiet (no line twice). While tqdm
+    progress bars are on screen it writes through `tqdm.write`, as A1111's TqdmLoggingHandler does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s [%(name)s] %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        try:
+            from tqdm import tqdm
+            if getattr(tqdm, "_instances", None):
+                tqdm.write(self.format(record), file=self.stream)
+                return
+        except Exception:  # noqa: BLE001 - no tqdm, or it failed: print plainly
+            pass
+        super().emit(record)
+
+
+def install_console_handler() -> None:
+    """Once per process (a script reload keeps the one handler)."""
+    logger = logging.getLogger("delta-sampling")
+    if not any(type(h).__name__ == ConsoleHandler.__name__ for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+
+
 def apply_log_level(level: str | None = None) -> None:
-    """Set the "delta-sampling" logger's level (from the settings page when not given)."""
+    """Set the "delta-sampling" logger's level (from the settings page when not given) and make
+    sure its records reach the console."""
     level = level or read_options().log_level
-    logging.getLogger("delta-sampling").setLevel(getattr(logging, level, logging.WARNING))
+    install_console_handler()
+    logging.getLogger("delta-sampling").setLevel(getattr(logging, level, logging.INFO))
 
 
 def device_component_args() -> dict[str, Any]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.infotext import ADAPTED_HASH, ADAPTER_HASHES, SOURCE_HASH, format_hashes, settings_to_infotext
-from ..engine.sampler import DeltaSampler
+from ..engine.sampler import DeltaSampler, SourceStats
 from ..engine.schedule import never_applies
 from ..engine.settings import DeltaSettings
 from ..errors import SettingError, UserError
@@ -49,6 +49,7 @@ class Run:
     hook: PassHook | None = None
     failed: bool = False
     infotext_written: bool = False  # run.infotext went into p.extra_generation_params
+    stats: SourceStats = field(default_factory=SourceStats)  # the source's runs over every pass
 
     def close(self) -> None:
         if self.hook is not None:
@@ -220,7 +221,7 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
             adapted_prompts=adapted, adapted_negative_prompts=adapted_negatives, steps=steps, cfg_scale=cfg,
             target_scale=target_latent_scale(target), noise=noise, noise_multiplier=c0,
             sigma0=sigma0, embeddings=embeddings, adapted_embeddings=adapted_embeddings, generate_mask=mask,
-            should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped))
+            should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped), stats=run.stats)
         run.hook = PassHook(sampler, schedule, on_error=lambda exc: fail(p, exc))
         run.hook.install()
         p.extra_generation_params.update(run.infotext)
@@ -229,10 +230,25 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
         fail(p, exc)
 
 
+def summary(run: Run) -> str:
+    """The one console line of a generation with the delta applied."""
+    s = run.settings
+    parts = [f"source {s.source_checkpoint}"]
+    if s.adapted_checkpoint:
+        parts.append(f"adapted {s.adapted_checkpoint}")
+    if s.adapters.strip():
+        parts.append(f"adapters {s.adapters.strip()}")
+    parts += [f"scale {s.scale:g}", f"guidance {s.guidance}"]
+    return (f"Delta Sampling: {', '.join(parts)}; {run.stats.forwards} source forwards, "
+            f"{run.stats.seconds():.2f} s in the source")
+
+
 def postprocess(p, processed=None, *args) -> None:
     run: Run | None = getattr(p, RUN_ATTR, None)
     if run is not None:
         run.close()
+        if run.infotext_written and not run.failed:
+            log.info(summary(run))
     remove_leftovers()
     if not read_options().keep_loaded:
         CACHE.release_all()

@@ -12,6 +12,7 @@ def register_callbacks(script_callbacks) -> None:
     from .script import remove_leftovers
     from .state import CACHE
 
+    options.apply_log_level()  # INFO by default, printed even when the host set up no logging
     script_callbacks.on_ui_settings(options.register_options)
     script_callbacks.on_infotext_pasted(paste.on_infotext_pasted)
     # X/Y/Z: now if its script is loaded already, and before the UI (with --nowebui the API builds
