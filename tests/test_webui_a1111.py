@@ -405,3 +405,67 @@ def test_the_console_line_is_printed_once_whether_or_not_the_host_set_up_logging
     logger.info("probe")
     assert our_stream.getvalue().count("probe") == 1 and "probe" not in capsys.readouterr().err
 
+
+def _sha256_of(path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _kohya_addnet_hash(path) -> str:
+    """kohya-ss sd-scripts / sd-webui-additional-networks: sha256 of a .safetensors file's bytes after its header."""
+    import hashlib
+    import struct
+    data = Path(path).read_bytes()
+    (header,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + header:]).hexdigest()
+
+
+def _count_host_hashing(a1111, monkeypatch) -> list:
+    hashed = []
+    hashes = a1111.hashes
+    full, addnet = hashes.calculate_sha256, hashes.addnet_hash_safetensors
+    monkeypatch.setattr(hashes, "calculate_sha256", lambda f: (hashed.append(Path(f).name), full(f))[1])
+    monkeypatch.setattr(hashes, "addnet_hash_safetensors", lambda b: (hashed.append(Path(b.name).name), addnet(b))[1])
+    from lib_deltasampling.runtime import checkpoint
+
+    def never(*a, **k):
+        raise AssertionError("hashed outside the host's cache")
+    monkeypatch.setattr(checkpoint, "file_sha256", never)
+    monkeypatch.setattr(checkpoint, "addnet_hash", never)
+    return hashed
+
+
+@pytest.mark.parametrize("lora_extension", [True, False])
+def test_infotext_hashes_come_from_the_hosts_cache(a1111, monkeypatch, lora_extension):
+    from lib_deltasampling.engine.infotext import parse_parameters
+
+    a1111.add_checkpoint("target.safetensors", "sd1", seed=0)
+    a1111.add_checkpoint("source.safetensors", "sd1", seed=5)
+    a1111.load_checkpoint("target")
+    adapter, _ = build_adapter("sd1", "kohya", "lora", factories.checkpoint_tensors("sd1", seed=5))
+    save_file(adapter, str(a1111.lora_dir / "moxin.safetensors"))
+    a1111.load_scripts(a1111.repo / "scripts" / "delta_sampling.py", lora=lora_extension)
+    a1111.create_ui()
+    hashed = _count_host_hashing(a1111, monkeypatch)
+    texts = [a1111.txt2img(ds()).processed.infotexts[0] for _ in range(2)]
+    assert a1111.reports == []
+    assert hashed == ["source.safetensors", "moxin.safetensors"]  # once each, then from the cache
+    source = a1111.ckpt_dir / "source.safetensors"
+    for text in texts:
+        params = parse_parameters(text)[2]
+        assert params["Delta source hash"] == _sha256_of(source)[:10]
+        assert params["Delta adapter hashes"] == f"moxin: {_kohya_addnet_hash(a1111.lora_dir / 'moxin.safetensors')[:12]}"
+    # A1111 retitles a checkpoint once it knows its hash, as when it hashes it itself
+    assert f"source.safetensors [{_sha256_of(source)[:10]}]" in a1111.sd_models.checkpoints_list
+    if lora_extension:  # the same value as A1111's own "Lora hashes"
+        assert a1111.networks().available_networks["moxin"].shorthash == _kohya_addnet_hash(
+            a1111.lora_dir / "moxin.safetensors")[:12]
+
+
+def test_no_hashing_writes_no_hash_keys(a1111, monkeypatch):
+    setup_host(a1111)
+    a1111.shared.cmd_opts.no_hashing = True
+    hashed = _count_host_hashing(a1111, monkeypatch)
+    text = a1111.txt2img(ds()).processed.infotexts[0]
+    assert a1111.reports == [] and hashed == [] and "Delta scale: 2.0" in text
+    assert "Delta source hash" not in text and "Delta adapter hashes" not in text

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..engine.infotext import ADAPTED_HASH, ADAPTER_HASHES, SOURCE_HASH, format_hashes, settings_to_infotext
 from ..engine.sampler import DeltaSampler, SourceStats
@@ -24,11 +23,10 @@ from ..engine.schedule import never_applies
 from ..engine.settings import DeltaSettings
 from ..errors import SettingError, UserError
 from ..runtime.adapters.tags import adapter_requests
-from ..runtime.checkpoint import addnet_hash, file_sha256
 from ..runtime.pair import SourcePair
 from ..runtime.text.embeddings import EmbeddingLibrary
 from ..runtime.text.prompt import extract_extra_networks
-from . import files
+from . import files, hashes
 from .args import apply_overrides, overrides_from_p, settings_from_script_args
 from .hooks_a1111 import PassHook
 from .options import read_options
@@ -75,10 +73,6 @@ def target_latent_scale(sd_model) -> float:
     if isinstance(scale, (int, float)):
         return float(scale)
     return 0.13025 if getattr(sd_model, "is_sdxl", False) else 0.18215
-
-
-def _short_hash(path: Path, n: int = 10) -> str:
-    return file_sha256(path)[:n]
 
 
 def read_settings(p, args) -> DeltaSettings:
@@ -169,11 +163,14 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
     dirs = files.embedding_dirs()
     library = EmbeddingLibrary.for_text_stack(dirs, base.text) if dirs else None
 
-    extra = {SOURCE_HASH: _short_hash(source_path)}
+    extra = {SOURCE_HASH: hashes.checkpoint_hash(settings.source_checkpoint, source_path)}
     if adapted_path:
-        extra[ADAPTED_HASH] = _short_hash(adapted_path)
+        extra[ADAPTED_HASH] = hashes.checkpoint_hash(settings.adapted_checkpoint, adapted_path)
     if adapter_files:
-        extra[ADAPTER_HASHES] = format_hashes({n: addnet_hash(path)[:12] for n, path, _, _ in adapter_files})
+        adapter_hashes = {n: hashes.adapter_hash(n, path) for n, path, _, _ in adapter_files}
+        if all(adapter_hashes.values()):
+            extra[ADAPTER_HASHES] = format_hashes(adapter_hashes)
+    extra = {k: v for k, v in extra.items() if v}  # --no-hashing: no key rather than hashing
     return Run(settings, pair, library, settings_to_infotext(settings, extra=extra))
 
 
