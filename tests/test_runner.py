@@ -22,6 +22,14 @@ from vocab import clip_vocab_path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path, monkeypatch) -> Path:
+    """The runner's hash cache in this test's folder, not the user's ~/.cache."""
+    path = tmp_path / "hash-cache" / "hashes.json"
+    monkeypatch.setenv("DELTA_SAMPLING_HASH_CACHE", str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("runner")

@@ -29,7 +29,7 @@ from ..engine.settings import FIELDS, DeltaSettings
 from ..errors import SettingError, UserError
 from ..runtime.adapters.apply import AdapterSet
 from ..runtime.adapters.tags import adapter_requests
-from ..runtime.checkpoint import addnet_hash, file_sha256, open_store
+from ..runtime.checkpoint import open_store
 from ..runtime.detect import Family
 from ..runtime.model import Cond, SourceModel, load_model
 from ..runtime.pair import SourcePair
@@ -38,6 +38,7 @@ from ..runtime.text.embeddings import EmbeddingLibrary
 from ..runtime.text.prompt import extract_extra_networks
 from ..runtime.text.tokenizer import ClipTokenizer
 from ..runtime.vae import load_vae_decoder, open_vae, to_uint8_images
+from . import hashcache
 from .png import write_png
 from .sampling import (SAMPLERS, SCHEDULES, ImageNoise, fixed_seed, get_sigmas, image_seeds, infotext_schedule,
                        initial_noise_multiplier, latent_shape, parse_sampler)
@@ -263,7 +264,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def _short(path: Path, n: int = 10) -> str:
-    return file_sha256(path)[:n]
+    return hashcache.sha256(path)[:n]
 
 
 def _infotext(args, settings: DeltaSettings, sampler, schedule, steps: int, adapter_files) -> dict[str, object]:
@@ -273,7 +274,7 @@ def _infotext(args, settings: DeltaSettings, sampler, schedule, steps: int, adap
         extra[ADAPTED_HASH] = _short(args.adapted)
     if adapter_files:
         from ..engine.infotext import format_hashes
-        extra[ADAPTER_HASHES] = format_hashes({name: addnet_hash(path)[:12] for name, path in adapter_files})
+        extra[ADAPTER_HASHES] = format_hashes({name: hashcache.addnet(path)[:12] for name, path in adapter_files})
     params: dict[str, object] = {
         "Steps": steps, "Sampler": sampler.name, "Schedule type": infotext_schedule(schedule, sampler),
         "CFG scale": args.cfg, "Seed": None, "Size": f"{args.width}x{args.height}",
