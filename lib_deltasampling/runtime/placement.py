@@ -12,7 +12,10 @@ The extension owns the source models (the hosts' memory managers do not see them
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
+import sys
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -152,9 +155,31 @@ def module_nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _unique_tensors(module) if not t.is_meta)
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None (other C libraries, other systems)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_host_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed blocks in its per-thread arenas, so
+    after a model's CPU weights (or the fp16 copies read while loading) are freed the process stays as
+    large as it was, and each load/free cycle can leave more behind (measured in a real A1111:
+    +1.5 GB per source load on CPU). Called when models are released, never on the step path."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def empty_device_caches() -> None:
-    """Collect garbage, then hand cached device memory back (only where the backend is in use)."""
+    """Collect garbage, then hand cached device and heap memory back (only where the backend is in use)."""
     gc.collect()
+    trim_host_memory()
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     if _mps_available() and hasattr(torch, "mps") and hasattr(torch.mps, "empty_cache"):

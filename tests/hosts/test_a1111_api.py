@@ -87,6 +87,44 @@ def test_one_console_line_per_generation(real_a1111):
     assert re.search(r"\d+(\.\d+)? ?s", lines[0])            # time spent in the source
 
 
+def test_zero_adapter_weight_gives_exactly_the_plain_image(real_a1111):
+    """A LoRA at weight 0: the adapted branch equals the base, so the delta is exactly 0 at any scale and
+    the hooked generation must give back the plain image bit for bit (rows, CFG, bridge all line up)."""
+    off = real_a1111.txt2img(prompt="a red house", sampler_name="DPM++ 2M", steps=3)
+    null = real_a1111.txt2img(ds(adapters=f"<lora:{LORA}:0>", scale=4.0), prompt="a red house",
+                              sampler_name="DPM++ 2M", steps=3)
+    assert np.array_equal(null.image(), off.image())
+    assert null.params[SCALE_KEY] == "4.0"                      # it did run
+
+
+def test_hashes_come_from_the_host_cache(real_a1111, sd15_models, artifacts):
+    """The infotext hashes are A1111's own (its cache.json, keyed by title and mtime), computed once:
+    a second generation hashes nothing. Wall-clock times per generation go to artifacts/a1111-timing.txt."""
+    import hashlib
+    import json
+
+    first = real_a1111.txt2img(ds(), prompt="a fox")
+    n = len(real_a1111.console_text())
+    times = {"DS on": [], "DS off": []}
+    for _ in range(2):
+        times["DS on"].append(real_a1111.txt2img(ds(), prompt="a fox").seconds)
+        times["DS off"].append(real_a1111.txt2img(prompt="a fox").seconds)
+    assert "Calculating sha256" not in real_a1111.console_text()[n:]
+
+    sha = hashlib.sha256(sd15_models["source"].read_bytes()).hexdigest()
+    assert first.params["Delta source hash"] == sha[:10]
+    with open(sd15_models["lora"], "rb") as f:               # kohya's addnet hash: sha256 after the header
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        addnet = hashlib.sha256(f.read()).hexdigest()
+    assert first.params["Delta adapter hashes"] == f"{LORA}: {addnet[:12]}"
+    cache = json.loads((real_a1111.data_dir / "cache.json").read_text())
+    assert cache["hashes"][f"checkpoint/{SOURCE}"]["sha256"] == sha
+    assert cache["hashes-addnet"][f"lora/{LORA}"]["sha256"] == addnet
+    (artifacts / "a1111-timing.txt").write_text(
+        "A1111 1.10.1, CPU fp32, SD1.5 target 64x64, 2 steps Euler, SD1.5 source + LoRA (models cached, hashes cached)\n"
+        + "".join(f"{k}: {', '.join(f'{t:.2f} s' for t in v)}\n" for k, v in times.items()))
+
+
 # ------------------------------------------------------------------ infotext round trip (PNG Info)
 
 def test_png_info_round_trip(real_a1111):
@@ -114,8 +152,8 @@ def test_img2img_on_off_and_scale_zero(real_a1111):
 
 
 def test_hires_pass_gets_the_delta_when_asked(real_a1111):
-    hires = dict(prompt="a fox", enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2,
-                 denoising_strength=0.6)
+    hires = dict(prompt="a fox", enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=4,
+                 denoising_strength=0.7)  # 2 steps at 0.6 would be one hires step: too little to see
     off = real_a1111.txt2img(**hires)
     both = real_a1111.txt2img(ds(hires=True), **hires)
     first_only = real_a1111.txt2img(ds(hires=False), **hires)
