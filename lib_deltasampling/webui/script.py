@@ -246,6 +246,7 @@ def postprocess(p, processed=None, *args) -> None:
         run.close()
         if run.infotext_written and not run.failed:
             log.info(summary(run))
+        setattr(p, RUN_ATTR, None)  # p outlives the generation (API response, X/Y/Z): hold nothing
     remove_leftovers()
     if not read_options().keep_loaded:
         CACHE.release_all()

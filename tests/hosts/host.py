@@ -27,7 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_HOSTS = Path(os.environ.get("DS_SHARED_HOSTS", REPO.parent / "shared" / "hosts"))
-CACHE = Path(os.environ.get("DS_HOSTS_CACHE", Path.home() / ".cache" / "sd-webui-delta-sampling" / "hosts"))
+# as setup_a1111.sh: not under a dot-folder, where gradio refuses to serve the WebUI's own files
+CACHE = Path(os.environ.get("DS_HOSTS_CACHE", "/var/tmp/sd-webui-delta-sampling/hosts"))
 SCRIPT_TITLE = "Delta Sampling"
 
 

@@ -8,7 +8,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 shared="${1:-${DS_SHARED_HOSTS:-$here/../../../shared/hosts}}"
-cache="${2:-${DS_HOSTS_CACHE:-$HOME/.cache/sd-webui-delta-sampling/hosts}}"
+# not under a dot-folder (~/.cache): gradio 3.41 refuses to serve files from one (its /file= route
+# answers 403 for the WebUI's own style.css and script.js there)
+cache="${2:-${DS_HOSTS_CACHE:-/var/tmp/sd-webui-delta-sampling/hosts}}"
 shared="$(cd "$shared" && pwd)"
 mkdir -p "$cache"
 root="$cache/a1111"

@@ -88,20 +88,25 @@ def test_one_console_line_per_generation(real_a1111):
 
 
 def test_zero_adapter_weight_gives_exactly_the_plain_image(real_a1111):
-    """A LoRA at weight 0: the adapted branch equals the base, so the delta is exactly 0 at any scale and
-    the hooked generation must give back the plain image bit for bit (rows, CFG, bridge all line up)."""
-    off = real_a1111.txt2img(prompt="a red house", sampler_name="DPM++ 2M", steps=3)
-    null = real_a1111.txt2img(ds(adapters=f"<lora:{LORA}:0>", scale=4.0), prompt="a red house",
-                              sampler_name="DPM++ 2M", steps=3)
-    assert np.array_equal(null.image(), off.image())
+    """A LoRA at weight 0: the adapted branch equals the base, so the delta is 0 at any scale and the
+    hooked generation must give back the plain image (rows, step, CFG, bridge all line up). Not bit for
+    bit: base and adapted rows sit at different places of one batched CPU forward, whose GEMM blocking
+    may round them differently (~1e-7 relative, times scale 4); a wrong row or sigma would move the
+    image by tens of levels, as the weight-1 comparison shows."""
+    common = dict(prompt="a red house", sampler_name="DPM++ 2M", steps=3)
+    off = real_a1111.txt2img(**common)
+    null = real_a1111.txt2img(ds(adapters=f"<lora:{LORA}:0>", scale=4.0), **common)
+    real = real_a1111.txt2img(ds(scale=4.0), **common)
+    diff = np.abs(null.image() - off.image())
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    assert np.abs(real.image() - off.image()).mean() > 20 * max(diff.mean(), 0.05)
     assert null.params[SCALE_KEY] == "4.0"                      # it did run
 
 
 def test_hashes_come_from_the_host_cache(real_a1111, sd15_models, artifacts):
-    """The infotext hashes are A1111's own (its cache.json, keyed by title and mtime), computed once:
+    """The infotext hashes are A1111's own (its hash cache, keyed by title and mtime), computed once:
     a second generation hashes nothing. Wall-clock times per generation go to artifacts/a1111-timing.txt."""
     import hashlib
-    import json
 
     first = real_a1111.txt2img(ds(), prompt="a fox")
     n = len(real_a1111.console_text())
@@ -117,9 +122,9 @@ def test_hashes_come_from_the_host_cache(real_a1111, sd15_models, artifacts):
         f.seek(8 + int.from_bytes(f.read(8), "little"))
         addnet = hashlib.sha256(f.read()).hexdigest()
     assert first.params["Delta adapter hashes"] == f"{LORA}: {addnet[:12]}"
-    cache = json.loads((real_a1111.data_dir / "cache.json").read_text())
-    assert cache["hashes"][f"checkpoint/{SOURCE}"]["sha256"] == sha
-    assert cache["hashes-addnet"][f"lora/{LORA}"]["sha256"] == addnet
+    # the host's own checkpoint list now carries the hash (CheckpointInfo.calculate_shorthash ran)
+    listed = {m["title"].split(" [")[0]: m for m in real_a1111.get("/sdapi/v1/sd-models").json()}
+    assert listed[SOURCE]["sha256"] == sha and listed[SOURCE]["hash"] == sha[:10]
     (artifacts / "a1111-timing.txt").write_text(
         "A1111 1.10.1, CPU fp32, SD1.5 target 64x64, 2 steps Euler, SD1.5 source + LoRA (models cached, hashes cached)\n"
         + "".join(f"{k}: {', '.join(f'{t:.2f} s' for t in v)}\n" for k, v in times.items()))

@@ -81,7 +81,9 @@ def test_page_loads_clean_and_the_settings_section_renders(browser, real_a1111, 
     console = open_page(browser, real_a1111)
     assert "Traceback" not in console and "TypeError" not in console, console
     assert error_badges(browser) == []
-    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+    # offline: gradio 3.41's page also asks a CDN for iframeResizer; only this host's own resources count
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
+              and not (e["source"] == "network" and not e["message"].startswith(real_a1111.url))]
     assert severe == [], severe
 
     browser.find_element("css selector", "#tabs > .tab-nav button:nth-child(n)")  # the tab bar exists
@@ -118,7 +120,8 @@ def test_accordion_paste_and_generate(browser, real_a1111, artifacts):
 
     def value(name: str) -> str:
         el = browser.find_element("id", f"script_txt2img_delta_sampling_{name}")
-        inputs = el.find_elements("css selector", "input[type=number], textarea, input[type=text], input:checked")
+        inputs = el.find_elements("css selector", "input[type=number], textarea, input[type=text], "
+                                                   "input:not([type]), input:checked")  # a dropdown's input has no type
         return inputs[0].get_attribute("value") if inputs else ""
 
     wait_for(lambda: value("scale") == "2.5", timeout=30, what="Delta scale 2.5 restored")
