@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from factories import vae_shapes as ldm_vae_shapes  # tests/factories.py: the VAE's keys, any size
 from lib_deltasampling.runtime.unet import UNetModel
 from lib_deltasampling.runtime.unet_config import UNetConfig
 
@@ -82,54 +83,9 @@ def openclip_shapes(prefix: str, width: int, layers: int, projection: int) -> di
     return s
 
 
-def _resnet(name: str, cin: int, cout: int) -> dict[str, tuple[int, ...]]:
-    s = {f"{name}.norm1.weight": (cin,), f"{name}.norm1.bias": (cin,), f"{name}.conv1.weight": (cout, cin, 3, 3),
-         f"{name}.conv1.bias": (cout,), f"{name}.norm2.weight": (cout,), f"{name}.norm2.bias": (cout,),
-         f"{name}.conv2.weight": (cout, cout, 3, 3), f"{name}.conv2.bias": (cout,)}
-    if cin != cout:
-        s.update({f"{name}.nin_shortcut.weight": (cout, cin, 1, 1), f"{name}.nin_shortcut.bias": (cout,)})
-    return s
-
-
-def _vae_mid(name: str, c: int) -> dict[str, tuple[int, ...]]:
-    s = {**_resnet(f"{name}.block_1", c, c), **_resnet(f"{name}.block_2", c, c),
-         f"{name}.attn_1.norm.weight": (c,), f"{name}.attn_1.norm.bias": (c,)}
-    for p in ("q", "k", "v", "proj_out"):
-        s[f"{name}.attn_1.{p}.weight"], s[f"{name}.attn_1.{p}.bias"] = (c, c, 1, 1), (c,)
-    return s
-
-
-def vae_shapes(prefix: str = "first_stage_model.", ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 4, 4),
-               blocks: int = 2, z: int = 4) -> dict[str, tuple[int, ...]]:
-    """ldm AutoencoderKL (the `ddconfig` of v1-inference.yaml and sd_xl_base.yaml)."""
-    chans = [ch * m for m in ch_mult]
-    s = {"encoder.conv_in.weight": (ch, 3, 3, 3), "encoder.conv_in.bias": (ch,)}
-    cin = ch
-    for level, cout in enumerate(chans):
-        for i in range(blocks):
-            s.update(_resnet(f"encoder.down.{level}.block.{i}", cin, cout))
-            cin = cout
-        if level != len(chans) - 1:
-            s[f"encoder.down.{level}.downsample.conv.weight"] = (cin, cin, 3, 3)
-            s[f"encoder.down.{level}.downsample.conv.bias"] = (cin,)
-    s.update(_vae_mid("encoder.mid", cin))
-    s.update({"encoder.norm_out.weight": (cin,), "encoder.norm_out.bias": (cin,),
-              "encoder.conv_out.weight": (2 * z, cin, 3, 3), "encoder.conv_out.bias": (2 * z,),
-              "quant_conv.weight": (2 * z, 2 * z, 1, 1), "quant_conv.bias": (2 * z,),
-              "post_quant_conv.weight": (z, z, 1, 1), "post_quant_conv.bias": (z,),
-              "decoder.conv_in.weight": (chans[-1], z, 3, 3), "decoder.conv_in.bias": (chans[-1],)})
-    cin = chans[-1]
-    s.update(_vae_mid("decoder.mid", cin))
-    for level in reversed(range(len(chans))):
-        for i in range(blocks + 1):
-            s.update(_resnet(f"decoder.up.{level}.block.{i}", cin, chans[level]))
-            cin = chans[level]
-        if level != 0:
-            s[f"decoder.up.{level}.upsample.conv.weight"] = (cin, cin, 3, 3)
-            s[f"decoder.up.{level}.upsample.conv.bias"] = (cin,)
-    s.update({"decoder.norm_out.weight": (cin,), "decoder.norm_out.bias": (cin,),
-              "decoder.conv_out.weight": (3, cin, 3, 3), "decoder.conv_out.bias": (3,)})
-    return {prefix + k: v for k, v in s.items()}
+def vae_shapes(prefix: str = "first_stage_model.") -> dict[str, tuple[int, ...]]:
+    """ldm AutoencoderKL at full size (the `ddconfig` of v1-inference.yaml and sd_xl_base.yaml)."""
+    return {prefix + k: v for k, v in ldm_vae_shapes(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2).items()}
 
 
 def sd15_shapes() -> dict[str, tuple[int, ...]]:
