@@ -74,7 +74,9 @@ class SourceCache:
                 model.release()
 
     def release_all(self) -> None:
+        """Free every model, their adapters and the tokenizer (rebuilt in well under a second)."""
         self.keep_only([])
+        self._tokenizers.clear()
 
     @property
     def loaded(self) -> list[SourceModel]:
