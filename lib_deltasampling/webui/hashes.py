@@ -36,7 +36,7 @@ def checkpoint_hash(name: str, path: Path) -> str | None:
     if info is not None and _same(info.filename, path):
         short = info.calculate_shorthash()
         return short[:CHECKPOINT_SHORT] if short else None
-    value = hashes.sha256(str(path), f"checkpoint/{path.stem}")
+    value = hashes.sha256(str(path), f"checkpoint/{path.name}")  # A1111's key: the name with its extension
     return value[:CHECKPOINT_SHORT] if value else None
 
 
