@@ -15,7 +15,7 @@ import pytest
 import models
 from host import A1111, CACHE, SHARED_HOSTS, prepare_a1111
 
-from models import LORA, MODELS_VERSION, SDXL_TARGET, SOURCE, TARGET
+from models import LORA, MODELS_VERSION, SOURCE, TARGET
 
 
 def model_dir() -> Path:

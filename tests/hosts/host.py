@@ -124,19 +124,12 @@ class A1111:
                 self.process.wait(30)
         self.process = None
 
-    # ------------------------------------------------------------------ console and memory
+    # ------------------------------------------------------------------ console
     def console_text(self) -> str:
         return self.console.read_text(errors="replace") if self.console.exists() else ""
 
     def console_tail(self, n: int = 60) -> str:
         return "\n".join(self.console_text().splitlines()[-n:])
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process (launch.py runs the WebUI in-process)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise HostError("no VmRSS")
 
     # ------------------------------------------------------------------ HTTP
     def request(self, method: str, path: str, body=None, timeout: float = 900) -> HttpResult:
