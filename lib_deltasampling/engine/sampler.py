@@ -17,9 +17,9 @@ calls), so the schedule follows the steps, not the number of calls. No host sync
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-import time
 from dataclasses import dataclass, field
 
 import torch
