@@ -87,9 +87,9 @@ class SourceModel:
         if self.released:
             return
         for m in self.modules():
-            release_module(m)
+            release_module(m, empty_caches=False)
         self.released = True
-        empty_device_caches()
+        empty_device_caches()  # once for all modules: gc and heap trimming are not free
 
 
 def probe_v_prediction(unet: UNetModel) -> bool:

@@ -186,7 +186,7 @@ def empty_device_caches() -> None:
         torch.mps.empty_cache()
 
 
-def release_module(module: nn.Module) -> None:
+def release_module(module: nn.Module, *, empty_caches: bool = True) -> None:
     """Free every parameter and buffer of a module this package owns.
 
     Each tensor's storage is dropped in place (so a stray reference to the old Parameter does not
@@ -194,7 +194,8 @@ def release_module(module: nn.Module) -> None:
     using it afterwards fails loudly instead of computing on garbage.
     """
     _swap_to_meta(module)
-    empty_device_caches()  # after _swap_to_meta returned: no local still holds an old tensor
+    if empty_caches:  # False: the caller frees several modules and empties the caches once after
+        empty_device_caches()  # after _swap_to_meta returned: no local still holds an old tensor
 
 
 def _swap_to_meta(module: nn.Module) -> None:

@@ -45,14 +45,23 @@ def folder_loras() -> list[str]:
     return sorted(names, key=str.lower)
 
 
-def adapter_file(name: str) -> Path:
-    """The file of `<lora:name>`: the host's list first (also its aliases), then the LoRA folders."""
+def host_network(name: str):
+    """The Lora extension's entry (`NetworkOnDisk`) for `<lora:name>`, by name then alias; None when
+    the extension is not loaded or does not list it."""
     import sys
     networks = sys.modules.get("networks")
     for table in ("available_networks", "available_network_aliases"):
         entry = getattr(networks, table, {}).get(name) if networks else None
         if entry is not None:
-            return Path(entry.filename)
+            return entry
+    return None
+
+
+def adapter_file(name: str) -> Path:
+    """The file of `<lora:name>`: the host's list first (also its aliases), then the LoRA folders."""
+    entry = host_network(name)
+    if entry is not None:
+        return Path(entry.filename)
     folders = _lora_dirs()
     for folder in folders:
         for suffix in ADAPTER_SUFFIXES:

@@ -1,7 +1,8 @@
 """Infotext hashes of the files a generation used, from the host's own hash cache.
 
 Hashing a 2-7 GB checkpoint at every generation costs seconds; A1111 keeps every sha256 it
-computes in cache.json keyed by title and mtime (modules/hashes.py `sha256`), so:
+computes in its cache keyed by title and mtime (modules/hashes.py `sha256`; 1.10 stores it with
+diskcache under `<data dir>/cache/`, cache.json is only migrated from), so:
 - checkpoints: `CheckpointInfo.calculate_shorthash()` (modules/sd_models.py): the cached sha256, or
   computed once and cached; like A1111 it also retitles the checkpoint "name [shorthash]".
 - LoRAs: the Lora extension's `NetworkOnDisk` (extensions-builtin/Lora/network.py): `read_hash()`
@@ -14,8 +15,9 @@ With --no-hashing these return the cached value or None: then no hash key is wri
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from .files import host_network
 
 CHECKPOINT_SHORT = 10   # A1111 checkpoint shorthash
 ADAPTER_SHORT = 12      # A1111 "Lora hashes" / addnet shorthash
@@ -42,12 +44,10 @@ def checkpoint_hash(name: str, path: Path) -> str | None:
 
 def adapter_hash(name: str, path: Path) -> str | None:
     """The adapter's 12-char addnet shorthash (None under --no-hashing when not cached)."""
-    networks = sys.modules.get("networks")
-    for table in ("available_networks", "available_network_aliases"):
-        entry = getattr(networks, table, {}).get(name) if networks else None
-        if entry is not None and _same(entry.filename, path) and hasattr(entry, "read_hash"):
-            entry.read_hash()
-            return entry.shorthash[:ADAPTER_SHORT] if entry.shorthash else None
+    entry = host_network(name)
+    if entry is not None and _same(entry.filename, path) and hasattr(entry, "read_hash"):
+        entry.read_hash()
+        return entry.shorthash[:ADAPTER_SHORT] if entry.shorthash else None
     from modules import hashes
 
     value = hashes.sha256(str(path), f"lora/{path.stem}", use_addnet_hash=path.suffix.lower() == ".safetensors")
