@@ -34,7 +34,7 @@ def ds(**settings):
 
 
 def our_callbacks(a1111) -> int:
-    from lib_deltasampling.webui.hooks_a1111 import PassHook
+    from lib_deltasampling.webui.hooks_cfg import PassHook
     return sum(isinstance(getattr(c.callback, "__self__", None), PassHook)
                for kind in ("callbacks_cfg_denoiser", "callbacks_cfg_after_cfg")
                for c in a1111.script_callbacks.callback_map[kind])
@@ -174,7 +174,7 @@ def test_a_failure_inside_a_step_leaves_no_claim_and_no_hook(a1111, monkeypatch)
 
 
 def test_hires_pass_follows_the_setting(a1111, monkeypatch):
-    from lib_deltasampling.webui.hooks_a1111 import PassHook
+    from lib_deltasampling.webui.hooks_cfg import PassHook
 
     setup_host(a1111)
     installs = []
@@ -302,7 +302,7 @@ def test_a_weight_of_zero_at_every_step_is_off(a1111, monkeypatch, settings, run
     """Scale 0 (or a window holding no step of any pass) loads nothing, installs nothing, claims nothing,
     and gives the image of Delta Sampling off; unlike off, it frees nothing."""
     from lib_deltasampling.webui import state
-    from lib_deltasampling.webui.hooks_a1111 import PassHook
+    from lib_deltasampling.webui.hooks_cfg import PassHook
 
     setup_host(a1111)
     applies = settings.get("start") == 0.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lib_deltasampling.webui.hooks_a1111 import batch_rows, eps_to_x0, step_index, unexpanded, vp_to_ve, x0_to_eps
+from lib_deltasampling.webui.hooks_cfg import batch_rows, eps_to_x0, step_index, unexpanded, vp_to_ve, x0_to_eps
 
 
 def test_unexpanded_rows_with_and_prompts():

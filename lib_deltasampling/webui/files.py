@@ -19,6 +19,13 @@ def checkpoint_titles() -> list[str]:
     return list(sd_models.checkpoint_tiles())
 
 
+def checkpoint_choice(info) -> str:
+    """How the host's checkpoint dropdowns name `info` (`sd_models.checkpoint_tiles`): A1111 shows
+    titles ("name.safetensors [hash]"), Forge and Forge Neo names without the hash."""
+    from modules import sd_models
+    return info.title if info.title in set(sd_models.checkpoint_tiles()) else info.name
+
+
 def checkpoint_file(name: str, setting: str) -> Path:
     from modules import sd_models
     info = sd_models.get_closet_checkpoint_match(name) if name else None

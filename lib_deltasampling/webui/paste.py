@@ -28,6 +28,7 @@ from typing import Any
 from ..engine.infotext import ADAPTED_HASH, ADAPTER_HASHES, SOURCE_HASH, parse_hashes, settings_from_infotext
 from ..engine.settings import FIELD_BY_NAME, FIELDS, DeltaSettings, FieldSpec
 from .args import ui_value
+from .files import checkpoint_choice
 
 log = logging.getLogger("delta-sampling")
 
@@ -88,13 +89,13 @@ def read_settings(params: Mapping[str, Any]) -> DeltaSettings | None:
 
 
 def match_checkpoint(name: str, short_hash: str | None = None) -> str | None:
-    """The host's checkpoint title for an infotext name (or, failing that, its hash); None if absent."""
+    """The host's dropdown entry for an infotext name (or, failing that, its hash); None if absent."""
     from modules import sd_models
 
     for query in (name, short_hash):
         info = sd_models.get_closet_checkpoint_match(query) if query else None
         if info is not None:
-            return info.title
+            return checkpoint_choice(info)
     return None
 
 

@@ -26,9 +26,9 @@ from ..runtime.adapters.tags import adapter_requests
 from ..runtime.pair import SourcePair
 from ..runtime.text.embeddings import EmbeddingLibrary
 from ..runtime.text.prompt import extract_extra_networks
-from . import files, hashes
+from . import files, hashes, host
 from .args import apply_overrides, overrides_from_p, settings_from_script_args
-from .hooks_a1111 import PassHook
+from .hooks_cfg import InitialLatent, PassHook
 from .options import read_options
 from .state import CACHE
 
@@ -45,6 +45,7 @@ class Run:
     library: EmbeddingLibrary | None
     infotext: dict[str, str]
     hook: PassHook | None = None
+    pass_key: tuple | None = None  # the sampling pass the hook serves (Forge calls the hires one twice)
     failed: bool = False
     infotext_written: bool = False  # run.infotext went into p.extra_generation_params
     stats: SourceStats = field(default_factory=SourceStats)  # the source's runs over every pass
@@ -53,6 +54,7 @@ class Run:
         if self.hook is not None:
             hook, self.hook = self.hook, None
             hook.remove()
+        self.pass_key = None
 
 
 SHORT_MEMORY_BYTES = 2 * 1024 ** 3
@@ -65,14 +67,6 @@ def memory_short(placement) -> bool:
     import torch
     free, _ = torch.cuda.mem_get_info(placement.device)
     return free < SHORT_MEMORY_BYTES
-
-
-def target_latent_scale(sd_model) -> float:
-    """The host model's latent scale factor (ldm/sgm `scale_factor`; by model type if absent)."""
-    scale = getattr(sd_model, "scale_factor", None)
-    if isinstance(scale, (int, float)):
-        return float(scale)
-    return 0.13025 if getattr(sd_model, "is_sdxl", False) else 0.18215
 
 
 def read_settings(p, args) -> DeltaSettings:
@@ -113,6 +107,7 @@ def process(p, *args) -> None:
                   settings.scale, settings.start, settings.end)
         return
     try:
+        host.check_target(p.sd_model)  # before anything loads: no shape error mid-way on Flux & co.
         setattr(p, RUN_ATTR, prepare_run(p, settings, options))
     except Exception as exc:  # noqa: BLE001 - A1111 would swallow it; fail() stops the run instead
         fail(p, exc)
@@ -154,7 +149,7 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
     CACHE.host_checkpoint = host_checkpoint
 
     tokenizer = CACHE.tokenizer(options.vocab_paths(), options.webui_root())
-    timestep_mode = "interpolate"  # A1111's k-diffusion wrappers interpolate sigma -> t
+    timestep_mode = host.detect().timestep_mode  # sigma -> t for the source as the host does for its UNet
     base = CACHE.model(source_path, placement, tokenizer, timestep_mode)
     adapted = CACHE.model(adapted_path, placement, tokenizer, timestep_mode) if adapted_path else None
     CACHE.keep_only([m for m in (base, adapted) if m is not None])
@@ -194,8 +189,11 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
     run: Run | None = getattr(p, RUN_ATTR, None)
     if run is None or run.failed:
         return
-    run.close()  # the previous pass's callbacks never serve this one
     hires = getattr(p, "is_hr_pass", False)
+    pass_key = (hires, id(noise))
+    if run.hook is not None and run.pass_key == pass_key:
+        return  # the same pass again (Forge calls the hires pass's hook twice): already prepared
+    run.close()  # the previous pass's callbacks never serve this one
     if hires and not run.settings.hires:
         return
     try:
@@ -216,11 +214,15 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
         sampler = DeltaSampler.prepare(
             run.pair, run.settings.to_params(), prompts=prompts, negative_prompts=negatives,
             adapted_prompts=adapted, adapted_negative_prompts=adapted_negatives, steps=steps, cfg_scale=cfg,
-            target_scale=target_latent_scale(target), noise=noise, noise_multiplier=c0,
+            target_scale=host.target_latent_scale(target), noise=noise, noise_multiplier=c0,
             sigma0=sigma0, embeddings=embeddings, adapted_embeddings=adapted_embeddings, generate_mask=mask,
             should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped), stats=run.stats)
-        run.hook = PassHook(sampler, schedule, on_error=lambda exc: fail(p, exc))
+        img2img = x is not None and x is not noise  # txt2img hands the noise itself as x
+        extra = float(getattr(shared.opts, "img2img_extra_noise", 0) or 0) if img2img else 0.0
+        start = InitialLatent(noise, x if img2img else None, extra) if noise is not None else None
+        run.hook = PassHook(sampler, schedule, on_error=lambda exc: fail(p, exc), start=start)
         run.hook.install()
+        run.pass_key = pass_key
         p.extra_generation_params.update(run.infotext)
         run.infotext_written = True
     except Exception as exc:  # noqa: BLE001

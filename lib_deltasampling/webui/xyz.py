@@ -21,6 +21,7 @@ from typing import Any
 from ..engine.settings import XYZ_FIELDS, FieldSpec
 from ..errors import SettingError
 from .args import NONE_CHOICE, NONE_CHOICE_FIELDS, OVERRIDES_ATTR, setting_value
+from .files import checkpoint_choice
 
 log = logging.getLogger("delta-sampling")
 
@@ -68,7 +69,7 @@ def _checkpoint_title(spec: FieldSpec, value: str) -> str:
     if info is None:
         raise SettingError(axis_subject(spec), f"{value!r} is not in the WebUI's checkpoint list",
                            "Use a name from the axis' value list (refresh the checkpoint list after adding files)")
-    return info.title
+    return checkpoint_choice(info)
 
 
 def axis_value(spec: FieldSpec, x: Any) -> Any:
@@ -96,7 +97,7 @@ def make_confirm(spec: FieldSpec) -> Callable[[Any, list], None]:
 def _checkpoint_choices(spec: FieldSpec) -> Callable[[], list[str]]:
     def choices() -> list[str]:
         from modules import sd_models
-        titles = sorted(sd_models.checkpoints_list, key=str.casefold)
+        titles = sorted(sd_models.checkpoint_tiles(), key=str.casefold)  # as the host's own dropdowns
         return [NONE_CHOICE, *titles] if spec.name in NONE_CHOICE_FIELDS else titles
     return choices
 

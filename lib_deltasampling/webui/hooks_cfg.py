@@ -1,18 +1,26 @@
-"""The per-step hook in A1111's CFG denoiser (`modules/sd_samplers_cfg_denoiser.py`, 1.10).
+"""The per-step hook in the host's CFG denoiser (`modules/sd_samplers_cfg_denoiser.py`), the same
+public callbacks in A1111 1.10, Forge, Forge Neo and reForge.
 
-`on_cfg_denoiser` sees the expanded batch: all cond rows (one per `AND` sub-prompt and image)
-then B uncond rows, which are the un-expanded `x` and `sigma`; skipping the uncond (NGMS) trims
-them only after the callback, so the last B rows are always there. They are stashed, and
-`on_cfg_after_cfg` (after CFG and, for k-diffusion, after the inpainting blend) replaces the
-denoised prediction with the corrected one.
+`on_cfg_denoiser` runs before the model calls: A1111 hands the expanded batch (all cond rows, one
+per `AND` sub-prompt and image, then B uncond rows that are the un-expanded `x` and `sigma`); the
+Forge family hands `x` and `sigma` of the B images only. The last B rows are the images in both.
+They are stashed, and `on_cfg_after_cfg` (after CFG and the inpainting blend) replaces the denoised
+prediction with the corrected one.
 
-Two sampler families (host-notes a1111.md §2.4):
-- k-diffusion (and LCM): x = x0 + sigma n, `sigma` is sigma, the output is x0. Used as is.
-- timestep samplers (DDIM, PLMS, UniPC): x is the VP latent, `sigma` is a timestep, the output is eps.
-  Converted: sigma = sigma(t), x_ve = x sqrt(1 + sigma^2), x0 = x_ve - sigma eps, and back.
+What the callbacks carry for DDIM, PLMS and UniPC differs (host-notes forge.md §1.1):
+- A1111: the VP latent, an integer timestep as `sigma`, and eps to after-CFG. Converted here:
+  sigma = sigma(t), x_ve = x sqrt(1 + sigma^2), x0 = x_ve - sigma eps, and back.
+- Forge family: the denoiser (`classic_ddim_eps_estimation`) has already converted latent and
+  timestep to the k-diffusion x and sigma and hands x0 to after-CFG, as for every other sampler.
+Every other sampler hands x = x0 + sigma n, sigma and x0 in every host.
+
+Guard: on the first call of a pass the latent's noise scale (its projection on the pass's initial
+noise) must agree with the sigma the hook derived. A host that hands something else (a timestep read
+as a sigma, a sigma converted twice) differs by a factor of 10 or more and stops the generation with
+a clear message, instead of an image whose infotext claims a delta it did not get.
 
 The step index comes from the denoiser's call counter mapped through its expected number of calls,
-so the two calls of a second-order step share their step; no host syncs.
+so the two calls of a second-order step share their step; no host syncs but one per pass (the guard).
 
 Callbacks are registered per sampling pass of a generation with Delta Sampling on, by function, and
 removed by function (`remove_callbacks_for_function`) at the end, on error and on interrupt.
@@ -34,8 +42,11 @@ log = logging.getLogger("delta-sampling")
 
 # ------------------------------------------------------------------ pure pieces (tested without a host)
 
-def batch_rows(text_uncond) -> int:
-    """B: the uncond conditioning has one row per image (a tensor, or SDXL's dict of tensors)."""
+def batch_rows(text_uncond, x: torch.Tensor | None = None) -> int:
+    """B: the uncond conditioning has one row per image (a tensor, or SDXL's dict of tensors). The
+    Forge family hands no uncond at CFG 1, and then `x` holds the image rows only."""
+    if text_uncond is None:
+        return x.shape[0]
     if isinstance(text_uncond, dict):
         return next(iter(text_uncond.values())).shape[0]
     return text_uncond.shape[0]
@@ -44,6 +55,49 @@ def batch_rows(text_uncond) -> int:
 def unexpanded(x_in: torch.Tensor, sigma_in: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The image rows of an expanded CFG batch: its last B rows are `x` and `sigma` themselves."""
     return x_in[-batch:], sigma_in[-batch:]
+
+
+def hands_timesteps(denoiser) -> bool:
+    """Whether the host hands this denoiser's callbacks a VP latent and a timestep (A1111's DDIM, PLMS,
+    UniPC). The Forge family's denoisers carry `classic_ddim_eps_estimation` and convert to x and
+    sigma themselves; A1111's own test for a timestep denoiser is its missing `sigmas` table."""
+    if hasattr(denoiser, "classic_ddim_eps_estimation"):
+        return False
+    return not hasattr(denoiser.inner_model, "sigmas")
+
+
+@dataclass(frozen=True)
+class InitialLatent:
+    """What the host starts a pass from (`process_before_every_sampling`'s kwargs): txt2img starts
+    from `noise` scaled by sigma (or sqrt(1 + sigma^2)), img2img and hires from `base + sigma noise`
+    (+ `extra` noise: A1111's img2img_extra_noise)."""
+    noise: torch.Tensor
+    base: torch.Tensor | None = None
+    extra: float = 0.0
+
+
+class HostMismatch(RuntimeError):
+    """The sigma the hook derived does not match the latent the host handed over."""
+
+
+def noise_scale(x: torch.Tensor, start: InitialLatent, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares k in x - base ~ k noise over the weighted (not inpainting-preserved) area."""
+    rest = x if start.base is None else x - start.base.to(x)
+    noise = start.noise.to(x) if weight is None else start.noise.to(x) * weight.to(x)
+    return (rest * noise).sum() / (noise * noise).sum().clamp_min(1e-12)
+
+
+def check_noise_scale(k: float, sigma: float, start: InitialLatent, tolerance: float = 3.0) -> None:
+    """k must lie within a factor `tolerance` of [sigma, sqrt(1 + sigma^2) + extra]: A1111 and Forge
+    scale txt2img noise by sigma, or sqrt(1 + sigma^2) with the SGM noise multiplier; img2img adds
+    sigma noise and the extra noise. A timestep read as sigma or a sigma converted twice is off by 10x+."""
+    low, high = sigma / tolerance, tolerance * ((1 + sigma ** 2) ** 0.5 + start.extra)
+    if not low <= k <= high:
+        raise HostMismatch(
+            f"the sampler's first step has sigma {sigma:.4g} by the host's callbacks, but the latent carries "
+            f"noise of scale {k:.4g}: this host hands the CFG callbacks something this version of the "
+            f"extension does not expect, so the delta would be wrong. Please report the WebUI, its version "
+            f"and the sampler; other samplers are unaffected")
 
 
 def step_index(call: int, total_calls: int, steps: int) -> int:
@@ -86,10 +140,11 @@ class PassHook:
     """
 
     def __init__(self, sampler: DeltaSampler, schedule: DiscreteSchedule,
-                 on_error: Callable[[BaseException], None]) -> None:
+                 on_error: Callable[[BaseException], None], start: InitialLatent | None = None) -> None:
         self.sampler = sampler
         self.schedule = schedule
         self.on_error = on_error
+        self.start = start  # checked against the first call (`check_noise_scale`), then dropped
         self.pending: _Pending | None = None
         self.failed = False
         self._context = None
@@ -99,13 +154,16 @@ class PassHook:
         if self.failed:
             return
         try:
-            batch = batch_rows(params.text_uncond)
+            batch = batch_rows(params.text_uncond, params.x)
             x, sigma = unexpanded(params.x, params.sigma, batch)
             denoiser = params.denoiser
-            timesteps = not hasattr(denoiser.inner_model, "sigmas")  # A1111's own test (apply_refiner)
+            timesteps = hands_timesteps(denoiser)
             if timesteps:
                 sigma = self.schedule.t_to_sigma(sigma.float())
                 x = vp_to_ve(x, sigma)
+            if self.start is not None:
+                start, self.start = self.start, None
+                self._check_start(x, sigma, start, denoiser)
             steps = denoiser.steps  # the sampler steps of this pass (launch_sampling: steps or t_enc + 1)
             step = step_index(denoiser.step, denoiser.total_steps, steps)
             self.pending = _Pending(x, sigma.float(), step, steps, timesteps)
@@ -128,6 +186,15 @@ class PassHook:
                     params.x = d.to(params.x.dtype)
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
+
+    @staticmethod
+    def _check_start(x: torch.Tensor, sigma: torch.Tensor, start: InitialLatent, denoiser) -> None:
+        if start.noise.shape != x.shape or (start.base is not None and start.base.shape != x.shape):
+            return  # another script changed the latent's size: nothing to compare against
+        mask = getattr(denoiser, "mask", None)
+        weight = getattr(denoiser, "nmask", None) if mask is not None else None
+        k = noise_scale(x, start, weight)
+        check_noise_scale(float(k), float(sigma.float().mean()), start)  # one host sync per pass
 
     def _fail(self, exc: BaseException) -> None:
         self.failed = True
