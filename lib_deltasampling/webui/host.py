@@ -8,7 +8,7 @@ Hosts are told apart by what they have imported, never by version strings:
 
 All three keep A1111's CFG-denoiser callbacks (`on_cfg_denoiser`, `on_cfg_after_cfg`), which is the
 one sampling hook used everywhere (`hooks_cfg.py`); what they hand to it differs and is read from the
-denoiser itself (`hooks_cfg.host_converts_timesteps`).
+denoiser itself (`hooks_cfg.hands_timesteps`).
 """
 
 from __future__ import annotations
@@ -49,21 +49,25 @@ def detect(modules: dict | None = None) -> Host:
 
 
 def target_latent_scale(sd_model) -> float:
-    """The host model's latent scale factor: ldm/sgm `scale_factor` (A1111, reForge), Forge2's VAE
-    `scaling_factor`, else by model type."""
+    """The host model's latent scale factor: ldm/sgm `scale_factor` (A1111, reForge), Forge's VAE
+    `scaling_factor` (backend/nn/vae.py IntegratedAutoencoderKL.process_in), Forge Neo's VAE
+    `latent_format.scale_factor` (Neo has no `scaling_factor`: backend/nn/_vae.py ProcessLatent, set in
+    diffusion_engine/base.py), else by model type."""
     scale = getattr(sd_model, "scale_factor", None)
     if isinstance(scale, (int, float)):
         return float(scale)
     vae = getattr(getattr(getattr(sd_model, "forge_objects", None), "vae", None), "first_stage_model", None)
-    scale = getattr(vae, "scaling_factor", None)
-    if isinstance(scale, (int, float)):
-        return float(scale)
+    neo_format = getattr(vae, "latent_format", None)
+    for scale in (getattr(vae, "scaling_factor", None), getattr(neo_format, "scale_factor", None)):
+        if isinstance(scale, (int, float)):
+            return float(scale)
     return 0.13025 if getattr(sd_model, "is_sdxl", False) else 0.18215
 
 
 def target_latent_channels(sd_model) -> int:
-    """Latent channels of the host model: Forge2 VAE patcher `latent_channels`, ldm/sgm
-    `model.diffusion_model.in_channels` (9 for inpainting UNets, which still denoise 4), else 4."""
+    """Latent channels of the host model: Forge2 VAE patcher `latent_channels` (backend/patcher/vae.py),
+    A1111's `sd_model.latent_channels` (4 by sd_models.set_model_fields, 16 for SD3), else 4. Never the
+    UNet's in_channels (9 for inpainting UNets, which still denoise 4)."""
     vae = getattr(getattr(sd_model, "forge_objects", None), "vae", None)
     channels = getattr(vae, "latent_channels", None)
     if isinstance(channels, int):
