@@ -42,7 +42,7 @@ def test_detect_reforge_by_ldm_patched():
     """reForge (and Forge Classic): the ComfyUI-style `ldm_patched` backend next to A1111's ldm/sgm."""
     found = host.detect(_modules("modules", "modules_forge", "ldm", "sgm", "ldm_patched",
                                  "ldm_patched.modules", "ldm_patched.modules.model_sampling"))
-    assert (found.kind, found.timestep_mode, found.forge2) == (host.REFORGE, "interpolate", False)
+    assert (found.kind, found.timestep_mode, found.forge2) == (host.REFORGE, "nearest", False)
     assert host.detect(_modules("ldm_patched")).kind == host.REFORGE
 
 
@@ -81,8 +81,10 @@ def test_timestep_mode_maps_sigma_as_the_host_maps_it_for_its_own_unet():
     schedule = DiscreteSchedule()
     sigma = torch.cat([torch.logspace(-1.5, 1.2, 37), schedule.sigmas[[0, 1, 500, 998, 999]]])
     forge = host.detect(_modules("backend.sampling.sampling_function"))
+    reforge = host.detect(_modules("ldm_patched"))  # ldm_patched ModelSamplingDiscrete.timestep: the same argmin
     a1111 = host.detect({})
     assert torch.equal(schedule.sigma_to_t(sigma, forge.timestep_mode), _forge_timestep(schedule, sigma))
+    assert torch.equal(schedule.sigma_to_t(sigma, reforge.timestep_mode), _forge_timestep(schedule, sigma))
     assert torch.allclose(schedule.sigma_to_t(sigma, a1111.timestep_mode), _kdiffusion_sigma_to_t(schedule, sigma),
                           atol=1e-4)
 
@@ -394,3 +396,39 @@ def test_target_name_falls_back_to_the_class_name():
     model.sd_checkpoint_info.name_for_extra = None
     assert host.target_name(model) == model.sd_checkpoint_info.title
 
+
+
+# ------------------------------------------------------------------ memory through the host's manager
+
+class _ForgeMemory(types.ModuleType):
+    """`backend/memory_management.py` as Forge and Neo define the two calls used: get_free_memory(dev)
+    and free_memory(memory_required, device, keep_loaded=[]) (Forge adds free_all=False, Neo does not)."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__("backend.memory_management")
+        self.free, self.calls = free, []
+
+    def get_free_memory(self, dev=None, torch_free_too=False):
+        return self.free
+
+    def free_memory(self, memory_required, device, keep_loaded=[]):  # noqa: B006 - the host's signature
+        self.calls.append((memory_required, device))
+
+
+def test_forge2_memory_goes_through_the_host_manager(monkeypatch):
+    memory = _ForgeMemory(free=3 * 1024 ** 3)
+    monkeypatch.setitem(sys.modules, "backend.sampling.sampling_function", types.ModuleType("x"))
+    monkeypatch.setitem(sys.modules, "backend.memory_management", memory)
+    cuda = torch.device("cuda", 0)
+    assert host.free_bytes(cuda) == 3 * 1024 ** 3                   # the host's count, not torch's
+    host.make_room(cuda, 5_000)
+    host.make_room(torch.device("cpu"), 7_000)                       # only a CUDA device is made room on
+    assert memory.calls == [(5_000, cuda)]
+
+
+def test_other_hosts_are_not_asked_to_make_room(monkeypatch):
+    memory = _ForgeMemory(free=0)
+    monkeypatch.delitem(sys.modules, "backend.sampling.sampling_function", raising=False)
+    monkeypatch.setitem(sys.modules, "backend.memory_management", memory)  # some other "backend" package
+    host.make_room(torch.device("cuda", 0), 5_000)
+    assert memory.calls == []

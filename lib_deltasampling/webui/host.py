@@ -43,8 +43,9 @@ def detect(modules: dict | None = None) -> Host:
         # (backend/modules/k_prediction.py Prediction.timestep: argmin |log sigma - log sigmas|)
         return Host(FORGE, "nearest")
     if "ldm_patched.modules.model_sampling" in loaded or "ldm_patched" in loaded:
-        # reForge keeps A1111's k-diffusion wrappers for the host UNet (CompVisDenoiser.sigma_to_t)
-        return Host(REFORGE, "interpolate")
+        # reForge runs its UNet through ldm_patched's sampling_function: ModelSamplingDiscrete.timestep
+        # is the same argmin (ldm_patched/modules/model_sampling.py)
+        return Host(REFORGE, "nearest")
     return Host(A1111, "interpolate")  # k_diffusion.external.DiscreteSchedule.sigma_to_t
 
 
@@ -111,3 +112,28 @@ def check_target(sd_model) -> None:
                         "is a flow-matching (rectified flow) model; Delta Sampling's source predicts on the "
                         "SD noise schedule and cannot be combined with it",
                         "Pick an epsilon- or v-prediction SD1.x/SD2.x/SDXL checkpoint, or turn Delta Sampling off")
+
+
+def _forge_memory():
+    """Forge2's memory manager (`backend/memory_management.py`), or None in other hosts."""
+    return sys.modules.get("backend.memory_management") if detect().forge2 else None
+
+
+def free_bytes(device) -> int:
+    """Free memory on a CUDA device as the host counts it: Forge2's `get_free_memory(dev)` (device free
+    plus torch's reserved-but-unused cache; same signature in Forge and Neo), else torch's own."""
+    memory = _forge_memory()
+    if memory is not None:
+        return int(memory.get_free_memory(device))
+    import torch
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def make_room(device, needed: int) -> None:
+    """Before source weights load onto a CUDA device (in `process`, never mid-step): on Forge2 ask the
+    host's memory manager to offload its own idle models until `needed` bytes are free
+    (`free_memory(memory_required, device)`, positional in Forge and Neo, whose keyword sets differ).
+    A1111 and reForge keep their models where they are."""
+    memory = _forge_memory()
+    if memory is not None and getattr(device, "type", None) == "cuda":
+        memory.free_memory(needed, device)

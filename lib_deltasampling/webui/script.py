@@ -64,9 +64,13 @@ def memory_short(placement) -> bool:
     """Less than 2 GiB free on the source models' CUDA device (once per generation, not per step)."""
     if placement.device.type != "cuda":
         return False
+    return host.free_bytes(placement.device) < SHORT_MEMORY_BYTES
+
+
+def load_estimate(path, placement) -> int:
+    """Bytes a checkpoint takes once loaded: its file size, twice that in fp32 (files are mostly fp16)."""
     import torch
-    free, _ = torch.cuda.mem_get_info(placement.device)
-    return free < SHORT_MEMORY_BYTES
+    return path.stat().st_size * (2 if placement.dtype == torch.float32 else 1)
 
 
 def read_settings(p, args) -> DeltaSettings:
@@ -150,6 +154,9 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
 
     tokenizer = CACHE.tokenizer(options.vocab_paths(), options.webui_root())
     timestep_mode = host.detect().timestep_mode  # sigma -> t for the source as the host does for its UNet
+    for path in (source_path, adapted_path):
+        if path is not None and not CACHE.has_model(path, placement, timestep_mode):
+            host.make_room(placement.device, load_estimate(path, placement))
     base = CACHE.model(source_path, placement, tokenizer, timestep_mode)
     adapted = CACHE.model(adapted_path, placement, tokenizer, timestep_mode) if adapted_path else None
     CACHE.keep_only([m for m in (base, adapted) if m is not None])

@@ -43,6 +43,9 @@ class SourceCache:
             self._tokenizers[key] = ClipTokenizer.find(vocab_paths, webui_root=webui_root)
         return self._tokenizers[key]
 
+    def has_model(self, path: Path, placement: Placement, timestep_mode: str) -> bool:
+        return (_file_key(path), placement, timestep_mode) in self._models
+
     def model(self, path: Path, placement: Placement, tokenizer: ClipTokenizer, timestep_mode: str) -> SourceModel:
         key = (_file_key(path), placement, timestep_mode)
         model = self._models.get(key)

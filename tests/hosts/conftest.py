@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import models
-from host import A1111, CACHE, SHARED_HOSTS, prepare_a1111
+from host import CACHE, FLAVOURS, SHARED_HOSTS, WebUI
 
 from models import LORA, MODELS_VERSION, SOURCE, TARGET
 
@@ -30,13 +30,6 @@ def ensure_file(path: Path, write) -> Path:
 
 
 @pytest.fixture(scope="session")
-def a1111_root() -> Path:
-    if not (SHARED_HOSTS / "a1111-v1.10.1.tar.gz").is_file():
-        pytest.fail(f"DS_REAL_HOSTS=1 but {SHARED_HOSTS} has no a1111-v1.10.1.tar.gz (set DS_SHARED_HOSTS)")
-    return prepare_a1111()
-
-
-@pytest.fixture(scope="session")
 def sd15_models() -> dict[str, Path]:
     d = model_dir()
     return {
@@ -49,20 +42,21 @@ def sd15_models() -> dict[str, Path]:
 class Hosts:
     """At most one host process at a time (a host holds 5-15 GB; the machine has 24)."""
 
-    def __init__(self, root: Path, base: Path) -> None:
-        self.root, self.base = root, base
-        self.running: tuple[str, A1111] | None = None
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.running: tuple[str, WebUI] | None = None
         self.count = 0
 
     def get(self, name: str, checkpoint: str, options: dict | None = None, fresh: bool = False,
-            extra_args: tuple[str, ...] = ()) -> A1111:
+            extra_args: tuple[str, ...] = (), flavour: str = "a1111", record: bool = False) -> WebUI:
         if self.running and self.running[0] == name and not fresh:
             return self.running[1]
         self.stop()
+        prepared(flavour)
         self.count += 1
         data = self.base / f"{self.count}-{name}"
-        host = A1111(data_dir=data, ckpt_dir=model_dir() / "Stable-diffusion", lora_dir=model_dir() / "Lora",
-                     root=self.root, extra_args=extra_args)
+        host = WebUI(data_dir=data, ckpt_dir=model_dir() / "Stable-diffusion", lora_dir=model_dir() / "Lora",
+                     flavour=flavour, extra_args=extra_args, record=record)
         self.running = (name, host)
         host.start(checkpoint, options)
         return host
@@ -74,19 +68,40 @@ class Hosts:
 
 
 @pytest.fixture(scope="session")
-def hosts(a1111_root: Path, sd15_models, tmp_path_factory) -> Iterator[Hosts]:
-    pool = Hosts(a1111_root, tmp_path_factory.mktemp("hosts"))
+def hosts(sd15_models, tmp_path_factory) -> Iterator[Hosts]:
+    pool = Hosts(tmp_path_factory.mktemp("hosts"))
     yield pool
     pool.stop()
 
 
 @pytest.fixture
-def real_a1111(hosts: Hosts) -> A1111:
+def real_a1111(hosts: Hosts) -> WebUI:
     """The shared SD1.5 host (A1111 1.10.1, CPU, fp32), started on first use."""
     host = hosts.get("sd15", TARGET)
     if host.process is None or host.process.poll() is not None:
         host = hosts.get("sd15", TARGET, fresh=True)
     return host
+
+
+def prepared(flavour: str) -> Path:
+    kind = FLAVOURS[flavour]
+    if not kind.tree_override and not (SHARED_HOSTS / kind.tarball).is_file():
+        pytest.fail(f"DS_REAL_HOSTS=1 but {SHARED_HOSTS} has no {kind.tarball} (set DS_SHARED_HOSTS)")
+    return kind.prepare()
+
+
+@pytest.fixture(scope="module", params=["forge", "neo"])
+def forge_family(request, hosts: Hosts) -> WebUI:
+    """Forge (main dfdcbab) and Forge Neo (2.26), CPU, with probe/ recording the CFG callbacks; one
+    after the other (module scope: every test of a module runs in Forge, then in Neo)."""
+    return hosts.get(request.param, TARGET, flavour=request.param, record=True)
+
+
+@pytest.fixture
+def forge_host(forge_family: WebUI, hosts: Hosts) -> WebUI:
+    if forge_family.process is None or forge_family.process.poll() is not None:
+        return hosts.get(forge_family.flavour, TARGET, flavour=forge_family.flavour, record=True, fresh=True)
+    return forge_family
 
 
 @pytest.fixture

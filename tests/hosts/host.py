@@ -1,13 +1,17 @@
 """A real WebUI process for the tests: prepared from ../shared/hosts, started on 127.0.0.1, driven over HTTP.
 
-    host = A1111(cache, data_dir, models)   # models: ckpt and LoRA folders
+    host = WebUI(data_dir, ckpt_dir, lora_dir, flavour="forge")   # "a1111", "forge" or "neo"
     host.start(checkpoint="a-target-sd15.safetensors")
     info = host.txt2img(prompt="a fox", steps=2, width=64, height=64, ds={"scale": 2, ...})
     host.stop()
 
-Everything the host writes (config.json, cache.json, outputs) goes into `data_dir` (A1111's
-`--data-dir`), so the unpacked tree in the cache stays as it was shipped. The extension is linked
-into `data_dir/extensions/`, as a user's clone would be. The console goes to `data_dir/console.log`.
+Everything the host writes (config.json, cache.json, outputs) goes into `data_dir` (`--data-dir`,
+in all three), so the unpacked tree in the cache stays as it was shipped. The extension is linked
+into `data_dir/extensions/`, as a user's clone would be; so is `probe/` (a test-only extension that
+records what the CFG callbacks see, when `record=True`). The console goes to `data_dir/console.log`.
+
+A host tree other than the shipped one (a fetched Forge, a newer Neo) is used with
+DS_FORGE_TREE / DS_NEO_TREE=<its folder> (setup_forge.sh builds its venv from that tree).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,11 +37,60 @@ CACHE = Path(os.environ.get("DS_HOSTS_CACHE", "/var/tmp/sd-webui-delta-sampling/
 SCRIPT_TITLE = "Delta Sampling"
 
 
-def prepare_a1111() -> Path:
-    """Unpack A1111 and install its venv (cached; the first run takes a few minutes)."""
-    subprocess.run(["bash", str(REPO / "tests" / "hosts" / "setup_a1111.sh"), str(SHARED_HOSTS), str(CACHE)],
-                   check=True, stdout=subprocess.DEVNULL)
-    return CACHE / "a1111"
+PROBE = Path(__file__).resolve().parent / "probe"
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """How one WebUI is prepared and started (../shared/hosts/README.md's CPU recipes)."""
+    name: str
+    tarball: str
+    args: tuple[str, ...]                   # besides --port, --data-dir and the model folders
+    ckpt_flag: str = "--ckpt-dir"
+    lora_flag: str = "--lora-dir"
+    ready: str = "Model loaded in"          # A1111 loads the model at start; Forge on first use
+
+    @property
+    def tree_override(self) -> str | None:
+        """DS_FORGE_TREE / DS_NEO_TREE: run that tree instead of the shipped one."""
+        return os.environ.get(f"DS_{self.name.upper()}_TREE") if self.name != "a1111" else None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.tree_override) if self.tree_override else CACHE / self.name
+
+    @property
+    def python(self) -> Path:
+        return CACHE / f"{self.name}-venv" / "bin" / "python"
+
+    def prepare(self) -> Path:
+        """Unpack the tree and install its venv (cached; the first run takes a few minutes)."""
+        script = "setup_a1111.sh" if self.name == "a1111" else "setup_forge.sh"
+        host_arg = [] if self.name == "a1111" else [self.name]
+        subprocess.run(["bash", str(REPO / "tests" / "hosts" / script), *host_arg, str(SHARED_HOSTS), str(CACHE)],
+                       check=True, stdout=subprocess.DEVNULL)
+        return self.root
+
+    def config(self) -> dict:
+        if self.name != "neo":
+            return {}
+        # Neo asks for Enter at start unless config.json carries its VERSION_UID (launch_utils.verify_version)
+        text = (self.root / "modules" / "launch_utils.py").read_text()
+        return {"VERSION_UID": re.search(r'^VERSION_UID\b[^=]*=\s*"([^"]+)"', text, re.M).group(1)}
+
+
+_FORGE_COMMON = ("--skip-torch-cuda-test", "--skip-prepare-environment", "--skip-python-version-check",
+                 "--skip-version-check", "--api", "--server-name", "127.0.0.1")
+FLAVOURS = {
+    "a1111": Flavour("a1111", "a1111-v1.10.1.tar.gz",
+                     ("--skip-prepare-environment", "--skip-version-check", "--api", "--skip-torch-cuda-test",
+                      "--no-half", "--use-cpu", "all", "--no-download-sd-model")),
+    "forge": Flavour("forge", "forge-dfdcbab6.tar.gz", ("--always-cpu", "--no-download-sd-model", *_FORGE_COMMON),
+                     ready="Startup time"),
+    # Neo: --cpu for --always-cpu, no --no-download-sd-model, folder lists for --ckpt-dir/--lora-dir
+    "neo": Flavour("neo", "forge-neo-2.26.tar.gz", ("--cpu", *_FORGE_COMMON), ckpt_flag="--ckpt-dirs",
+                   lora_flag="--lora-dirs", ready="Startup time"),
+}
 
 
 def free_port() -> int:
@@ -59,15 +113,27 @@ class HttpResult:
 
 
 @dataclass
-class A1111:
+class WebUI:
     data_dir: Path
     ckpt_dir: Path
     lora_dir: Path
-    root: Path = field(default_factory=lambda: CACHE / "a1111")
-    python: Path = field(default_factory=lambda: CACHE / "a1111-venv" / "bin" / "python")
+    flavour: str = "a1111"
     extra_args: tuple[str, ...] = ()
+    record: bool = False                     # link probe/ and record the CFG callbacks' tensors
     port: int = 0
     process: subprocess.Popen | None = None
+
+    @property
+    def kind(self) -> Flavour:
+        return FLAVOURS[self.flavour]
+
+    @property
+    def root(self) -> Path:
+        return self.kind.root
+
+    @property
+    def probe_file(self) -> Path:
+        return self.data_dir / "probe.pt"
 
     @property
     def url(self) -> str:
@@ -81,36 +147,43 @@ class A1111:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PYTEST"))}
         env.update(HF_HOME=str(CACHE / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+        if self.record:
+            env["DS_PROBE_FILE"] = str(self.probe_file)
         return env
 
     def start(self, checkpoint: str, options: dict | None = None, timeout: float = 600) -> None:
         """Start with `checkpoint` as the WebUI's model and `options` in config.json; wait until ready."""
         (self.data_dir / "extensions").mkdir(parents=True, exist_ok=True)
-        link = self.data_dir / "extensions" / "sd-webui-delta-sampling"
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
+        links = {"sd-webui-delta-sampling": REPO, **({"ds-probe": PROBE} if self.record else {})}
+        for name, target in links.items():
+            link = self.data_dir / "extensions" / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         config = {"sd_model_checkpoint": checkpoint, "live_previews_enable": False, "sd_checkpoint_cache": 0,
-                  **(options or {})}
+                  **self.kind.config(), **(options or {})}
         (self.data_dir / "config.json").write_text(json.dumps(config))
         self.port = free_port()
-        args = [str(self.python), "launch.py", "--skip-prepare-environment", "--skip-version-check", "--api",
-                "--skip-torch-cuda-test", "--no-half", "--use-cpu", "all", "--no-download-sd-model",
-                "--port", str(self.port), "--data-dir", str(self.data_dir), "--ckpt-dir", str(self.ckpt_dir),
-                "--lora-dir", str(self.lora_dir), *self.extra_args]
+        kind = self.kind
+        args = [str(kind.python), "launch.py", *kind.args, "--port", str(self.port), "--data-dir", str(self.data_dir),
+                kind.ckpt_flag, str(self.ckpt_dir), kind.lora_flag, str(self.lora_dir), *self.extra_args]
+        if self.flavour != "a1111":
+            # gradio 4 serves /file= only from allowed paths, by default just the data dir: with the data
+            # dir outside the tree, the tree's own script.js and the linked extension would answer 403
+            args += ["--gradio-allowed-path", str(self.root), "--gradio-allowed-path", str(REPO)]
         log = open(self.console, "ab")
         self.process = subprocess.Popen(args, cwd=self.root, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise HostError(f"A1111 exited with {self.process.returncode}:\n{self.console_tail()}")
+                raise HostError(f"{self.flavour} exited with {self.process.returncode}:\n{self.console_tail()}")
             try:
-                if self.get("/sdapi/v1/sd-models").status == 200 and "Model loaded in" in self.console_text():
+                if self.get("/sdapi/v1/sd-models").status == 200 and kind.ready in self.console_text():
                     return
             except OSError:
                 pass
             time.sleep(1)
-        raise HostError(f"A1111 not ready in {timeout} s:\n{self.console_tail()}")
+        raise HostError(f"{self.flavour} not ready in {timeout} s:\n{self.console_tail()}")
 
     def stop(self) -> None:
         if self.process is None:
@@ -166,6 +239,14 @@ class A1111:
 
     def img2img(self, ds: dict | list | None = None, **payload) -> "Generation":
         return self.generate("img2img", ds, **payload)
+
+    def recorded(self) -> dict:
+        """What probe/ recorded in the last generation (`record=True`): see probe/scripts/ds_probe.py."""
+        import torch
+        return torch.load(self.probe_file, weights_only=False)
+
+
+A1111 = WebUI  # the A1111 tests' name for it
 
 
 @dataclass

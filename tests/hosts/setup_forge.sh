@@ -6,12 +6,13 @@
 # Forge and Forge Neo ship their tokenizer/config files in backend/huggingface/: no HF cache needed.
 # Idempotent: a finished step leaves a marker and is skipped next time.
 # Usage: bash tests/hosts/setup_forge.sh forge|neo [SHARED_HOSTS_DIR] [CACHE_DIR]
+# DS_FORGE_TREE / DS_NEO_TREE=<folder>: use that WebUI tree instead of unpacking the shipped one.
 set -euo pipefail
 host="${1:?usage: setup_forge.sh forge|neo}"
 here="$(cd "$(dirname "$0")" && pwd)"
 shared="${2:-${DS_SHARED_HOSTS:-$here/../../../shared/hosts}}"
 cache="${3:-${DS_HOSTS_CACHE:-/var/tmp/sd-webui-delta-sampling/hosts}}"  # not under a dot-folder (gradio)
-shared="$(cd "$shared" && pwd)"
+shared="$(cd "$shared" 2>/dev/null && pwd || echo "$shared")"  # not needed with DS_*_TREE
 case "$host" in
     # joblib: the built-in soft-inpainting script imports it, the requirements file does not list it
     forge) tarball="forge-dfdcbab6.tar.gz"; tree="stable-diffusion-webui-forge"; reqs="requirements_versions.txt"
@@ -24,6 +25,11 @@ case "$host" in
 esac
 mkdir -p "$cache"
 root="$cache/$host"
+override_var="DS_$(echo "$host" | tr '[:lower:]' '[:upper:]')_TREE"  # DS_FORGE_TREE / DS_NEO_TREE
+if [ -n "${!override_var:-}" ]; then  # a tree of your own (fetched, newer): used as it is
+    root="$(cd "${!override_var}" && pwd)"
+    touch "$root/.unpacked"
+fi
 venv="$cache/$host-venv"
 py="$venv/bin/python"
 log="$cache/setup-$host.log"

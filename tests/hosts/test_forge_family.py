@@ -1,0 +1,243 @@
+"""The extension inside real Forge (main dfdcbab) and Forge Neo (2.26): CPU, full-size random SD1.5,
+driven over HTTP and in headless Chromium. Every test runs in Forge, then in Neo (`forge_family`).
+
+Besides pixel comparisons (as the A1111 suite), the probe extension (probe/) records, per model call,
+the x and sigma the CFG callbacks got, the host's own CFG result and the value after every callback;
+`test_delta_is_what_the_engine_computes` recomputes each call's corrected prediction with the engine,
+outside the host, from the same files, and compares.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from browser import error_badges, open_page, start_chrome, wait_for
+from generations import SCALE_KEY, changed, delta_keys, ds, init_image, xyz_args
+from models import LORA, SOURCE
+
+SAMPLERS = ["Euler", "DDIM", "PLMS", "UniPC", "DPM++ 2M"]
+
+
+def engine_tokenizer(host):
+    from lib_deltasampling.runtime.text.tokenizer import ClipTokenizer
+    return ClipTokenizer.find((), webui_root=host.root)  # what the extension finds in that host
+
+
+@pytest.fixture(scope="module")
+def source_pair(forge_family, sd15_models):
+    """The source pair as the extension builds it in Forge (CPU fp32, nearest timesteps), in this process."""
+    from lib_deltasampling.runtime.adapters.apply import AdapterSet
+    from lib_deltasampling.runtime.model import load_model
+    from lib_deltasampling.runtime.pair import SourcePair
+    from lib_deltasampling.runtime.placement import Placement
+
+    cpu = Placement(torch.device("cpu"), torch.float32)
+    source = load_model(sd15_models["source"], placement=cpu, tokenizer=engine_tokenizer(forge_family),
+                        timestep_mode="nearest")
+    adapters = AdapterSet(source.components(), source.family)
+    adapters.add(sd15_models["lora"])
+    return SourcePair(source, adapters)
+
+
+def engine_outputs(pair, recorded: dict, settings: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(the engine's result, the host's result, the host's own CFG prediction) for every recorded model
+    call of the first pass."""
+    from lib_deltasampling.engine.sampler import DeltaSampler
+    from lib_deltasampling.webui.args import settings_from_script_args
+    from lib_deltasampling.webui.hooks_cfg import step_index
+
+    params = settings_from_script_args([settings], source="API").to_params()
+    first = recorded["passes"][0]
+    engine = DeltaSampler.prepare(pair, params, prompts=recorded["prompts"],
+                                  negative_prompts=recorded["negative_prompts"], adapted_prompts=recorded["prompts"],
+                                  adapted_negative_prompts=recorded["negative_prompts"], steps=recorded["steps"],
+                                  cfg_scale=recorded["cfg_scale"], target_scale=0.18215, noise=first["noise"],
+                                  noise_multiplier=1.0, sigma0=1.0)
+    out = []
+    with engine.running():
+        for call in recorded["calls"]:
+            if call["pass"] != 0:
+                continue
+            step = step_index(call["step"], call["total_steps"], call["steps"])
+            want = engine(call["x"], call["sigma"], step, call["steps"], call["before"])
+            out.append((want, call["after"], call["before"]))
+    return out
+
+
+# ------------------------------------------------------------------ the page and its settings
+
+def test_page_and_settings_load_without_errors(forge_host, artifacts):
+    driver = start_chrome()
+    try:
+        console = open_page(driver, forge_host)
+        assert "Traceback" not in console and "TypeError" not in console, console
+        assert error_badges(driver) == []
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
+                  and not (e["source"] == "network" and not e["message"].startswith(forge_host.url))]
+        assert severe == [], severe
+        accordion = wait_for(lambda: driver.find_element("id", "script_txt2img_delta_sampling_enable"),
+                             what="the Delta Sampling accordion")
+        assert "Delta Sampling" in accordion.text
+        tab = next(b for b in driver.find_elements("css selector", "#tabs > .tab-nav button")
+                   if b.text.strip() == "Settings")
+        tab.click()
+        section = wait_for(lambda: next(e for e in driver.find_elements("css selector", "#settings .tab-nav button")
+                                        if e.text.strip() == "Delta Sampling"), what="the Delta Sampling settings")
+        section.click()
+        device = wait_for(lambda: driver.find_element("css selector", "#setting_delta_sampling_device"),
+                          what="the device setting")
+        time.sleep(1)
+        assert device.is_displayed() and error_badges(driver) == []
+        driver.find_element("css selector", "#settings").screenshot(
+            str(artifacts / f"{forge_host.flavour}-settings.png"))
+    finally:
+        driver.quit()
+    text = forge_host.console_text()
+    assert "lib_deltasampling" not in text and "scripts/delta_sampling.py" not in text, text  # no traceback of ours
+
+
+# ------------------------------------------------------------------ txt2img: the delta, as the engine computes it
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_delta_is_what_the_engine_computes(forge_host, source_pair, sampler):
+    """Every model call's corrected prediction equals the engine's, computed outside the host from the
+    same x, sigma, step and host prediction: the hook saw the right rows, sigma and step. DDIM in the
+    Forge family hands x and sigma already converted; a sigma converted twice (the bug this guards)
+    would give the engine's value at another sigma."""
+    settings = ds(scale=2.0)
+    forge_host.txt2img(settings, prompt="a fox in the snow", negative_prompt="blurry", sampler_name=sampler,
+                       steps=3, cfg_scale=6)
+    recorded = forge_host.recorded()
+    pairs = engine_outputs(source_pair, recorded, settings)
+    assert len(pairs) == 3
+    moves = []
+    for want, got, before in pairs:
+        moves.append((want - before).abs().max().item())
+        error = (got - want).abs().max().item()
+        # two processes, torch 2.14.1 in the host and 2.13 here: float32 rounding of the same math
+        assert error <= 1e-3 * max(moves[-1], 1.0), (error, moves[-1])
+    assert max(moves) > 0.5, moves                                 # the delta is not nothing
+    sigmas = [c["sigma"][0].item() for c in recorded["calls"]]
+    assert sigmas == sorted(sigmas, reverse=True) and 0.02 < sigmas[-1] and sigmas[0] < 14.7  # real sigmas
+
+
+def test_txt2img_off_zero_and_on(forge_host):
+    off = forge_host.txt2img(prompt="a fox in the snow")
+    on = forge_host.txt2img(ds(), prompt="a fox in the snow")
+    zero = forge_host.txt2img(ds(scale=0.0), prompt="a fox in the snow")
+    again = forge_host.txt2img(ds(), prompt="a fox in the snow")
+    assert changed(on.image(), off.image())
+    assert np.array_equal(on.image(), again.image())
+    assert np.array_equal(zero.image(), off.image())
+    assert not delta_keys(off.params) and not delta_keys(zero.params)
+    assert on.params[SCALE_KEY] == "2.0" and on.params["Delta source"] == SOURCE
+    assert "Delta scale: 2.0" in on.infotexts[0]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS[1:])
+def test_samplers(forge_host, sampler):
+    """DDIM, PLMS and UniPC once got almost no delta here while the infotext claimed one."""
+    common = dict(prompt="a fox", sampler_name=sampler, steps=3)
+    off = forge_host.txt2img(**common)
+    on = forge_host.txt2img(ds(), **common)
+    zero = forge_host.txt2img(ds(scale=0.0), **common)
+    assert np.abs(on.image() - off.image()).mean() > 10        # a real delta (the bug gave ~1.6)
+    assert np.array_equal(zero.image(), off.image())
+    assert on.info["sampler_name"] == sampler
+
+
+def test_png_info_round_trip(forge_host):
+    on = forge_host.txt2img(ds(start=0.0, end=0.5, schedule="linear", guidance="cond", reuse=2), prompt="a fox")
+    result = forge_host.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + on.png_b64()})
+    assert result.status == 200
+    info = result.json()
+    assert "Delta scale: 2.0" in info["info"]
+    params = info["parameters"]
+    assert params["Delta scale"] in (2.0, "2.0") and params["Delta schedule"] == "linear"
+    assert params["Delta guidance"] == "cond" and str(params["Delta reuse"]) == "2"
+    assert params["Delta source"] == SOURCE
+
+
+def test_img2img_on_off_and_scale_zero(forge_host):
+    common = dict(prompt="a fox", init_images=[init_image()], denoising_strength=0.75, steps=4)
+    off = forge_host.img2img(**common)
+    on = forge_host.img2img(ds(), **common)
+    zero = forge_host.img2img(ds(scale=0.0), **common)
+    assert changed(on.image(), off.image())
+    assert np.array_equal(zero.image(), off.image())
+    assert on.params[SCALE_KEY] == "2.0" and not delta_keys(zero.params)
+
+
+def test_hires_pass_gets_the_delta_once(forge_host):
+    """Forge calls process_before_every_sampling twice for the hires pass: one hook, one delta."""
+    # Forge's API needs hr_additional_modules (processing.py sample: `'Use same choices' not in None`)
+    # and takes hr_cfg 1 unless told (then the hires pass runs without uncond); Neo has no latent
+    # upscalers (shared.latent_upscale_modes is empty) and, without model files, only "None"
+    hires = dict(prompt="a fox", enable_hr=True, hr_scale=2, hr_upscaler="None", hr_second_pass_steps=4,
+                 denoising_strength=0.7, hr_additional_modules=["Use same choices"], hr_cfg=5)
+    off = forge_host.txt2img(**hires)
+    both = forge_host.txt2img(ds(hires=True), **hires)
+    recorded = forge_host.recorded()
+    first_only = forge_host.txt2img(ds(hires=False), **hires)
+    assert off.image().shape == (128, 128, 3)
+    assert changed(both.image(), off.image()) and changed(first_only.image(), off.image())
+    assert changed(both.image(), first_only.image())
+    hires_calls = [c for c in recorded["calls"] if recorded["passes"][c["pass"]]["hires"]]
+    assert hires_calls and all(not torch.equal(c["after"], c["before"]) for c in hires_calls)
+
+
+def test_batch_with_and_prompts(forge_host):
+    common = dict(prompt="a fox AND a cat :0.7", batch_size=2, seed=5)
+    off = forge_host.txt2img(**common)
+    on = forge_host.txt2img(ds(), **common)
+    assert len(on.images()) == 2
+    for a, b in zip(on.images(), off.images()):
+        assert changed(a, b)
+    alone = forge_host.txt2img(ds(), prompt="a fox AND a cat :0.7", seed=6)
+    assert np.abs(alone.image() - on.image(1)).max() <= 2
+
+
+def test_cfg_one_has_no_uncond_and_still_works(forge_host):
+    """At CFG 1 the Forge family skips the uncond pass and hands the callbacks no uncond at all."""
+    off = forge_host.txt2img(prompt="a fox", cfg_scale=1)
+    on = forge_host.txt2img(ds(), prompt="a fox", cfg_scale=1)
+    assert changed(on.image(), off.image()) and on.params[SCALE_KEY] == "2.0"
+
+
+def test_xyz_plot_over_delta_scale(forge_host):
+    name, args = xyz_args(forge_host, "txt2img", "Delta scale", "0, 1, 2")
+    grid = forge_host.generate("txt2img", ds(), prompt="a fox", script_name=name, script_args=args)
+    images = grid.images()
+    assert len(images) == 4
+    assert "Delta scale" not in grid.infotexts[1]
+    assert "Delta scale: 1.0" in grid.infotexts[2] and "Delta scale: 2.0" in grid.infotexts[3]
+    off = forge_host.txt2img(prompt="a fox")
+    assert np.array_equal(images[1], off.image())
+    assert changed(images[2], images[1]) and changed(images[3], images[2])
+
+
+def test_models_route(forge_host):
+    body = forge_host.get("/delta-sampling/v1/models").json()
+    names = {c["name"]: c["family"] for c in body["checkpoints"]}
+    assert names[SOURCE] == "SD1.x"
+    adapters = {a["name"]: a for a in body["adapters"]}
+    assert adapters[LORA]["family"] == "SD1.x"
+
+
+@pytest.mark.parametrize("args, words", [
+    (ds(source_checkpoint="nope.safetensors"), ["nope.safetensors", "checkpoint"]),
+    (ds(adapters="<lora:missing:1>"), ["missing"]),
+    (ds(scale="lots"), ["scale", "number"]),
+])
+def test_bad_arguments_get_422_and_the_host_keeps_working(forge_host, args, words):
+    result = forge_host.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                                   "alwayson_scripts": {"Delta Sampling": {"args": [args]}}})
+    assert result.status == 422, result.body[:500]
+    text = result.body.decode().lower()
+    for word in words:
+        assert word.lower() in text, text
+    assert forge_host.txt2img(prompt="x", steps=1).images()
