@@ -36,8 +36,11 @@ def checkpoint_file(name: str, setting: str) -> Path:
 
 
 def _lora_dirs() -> list[Path]:
+    """The LoRA folders: --lora-dir, A1111's --lyco-dir-backcompat, Forge Neo's --lora-dirs (a list)."""
     from modules import shared
-    dirs = [getattr(shared.cmd_opts, "lora_dir", None), getattr(shared.cmd_opts, "lyco_dir_backcompat", None)]
+    opts = shared.cmd_opts
+    dirs = [getattr(opts, "lora_dir", None), getattr(opts, "lyco_dir_backcompat", None),
+            *(getattr(opts, "lora_dirs", None) or [])]
     return [Path(d) for d in dirs if d]
 
 

@@ -67,3 +67,47 @@ def error_badges(driver) -> list[str]:
     return driver.execute_script(
         "return [...document.querySelectorAll('.error')].filter(e => e.offsetParent !== null)"
         ".map(e => (e.closest('[id]') || e).id + ': ' + e.textContent.trim()).filter(t => /error/i.test(t));")
+
+
+TXT2IMG_ACCORDION = "script_txt2img_delta_sampling_enable"   # Script.elem_id("enable") on the txt2img tab
+
+
+def paste_and_generate(browser, host, screenshot) -> None:
+    """An infotext from the API with non-default Delta settings, pasted into the prompt box: every Delta
+    control restored; then Generate in the page gives an image whose info carries them."""
+    from generations import ds
+    from models import LORA, SOURCE
+
+    made = host.txt2img(ds(scale=2.5, schedule="linear", end=0.75, guidance="cond", reuse=2,
+                                 resolution="native"), prompt="a fox in the snow")
+    infotext = made.infotexts[0]
+    assert "Delta scale: 2.5" in infotext
+
+    open_page(browser, host)
+    accordion = browser.find_element("id", TXT2IMG_ACCORDION)
+    assert "Delta Sampling" in accordion.text
+    prompt = browser.find_element("css selector", "#txt2img_prompt textarea")
+    browser.execute_script("arguments[0].value = arguments[1]; updateInput(arguments[0]);", prompt, infotext)
+    browser.find_element("css selector", "#txt2img_tools #paste, #tab_txt2img #paste").click()
+
+    checkbox = browser.find_element("id", TXT2IMG_ACCORDION + "-visible-checkbox")
+    wait_for(lambda: checkbox.is_selected(), timeout=30, what="the accordion enabled by the paste")
+
+    def value(name: str) -> str:
+        el = browser.find_element("id", f"script_txt2img_delta_sampling_{name}")
+        inputs = el.find_elements("css selector", "input[type=number], textarea, input[type=text], "
+                                                   "input:not([type]), input:checked")  # a dropdown's input has no type
+        return inputs[0].get_attribute("value") if inputs else ""
+
+    wait_for(lambda: value("scale") == "2.5", timeout=30, what="Delta scale 2.5 restored")
+    assert value("end") == "0.75"
+    assert value("schedule") == "linear" and value("guidance") == "cond" and value("resolution") == "native"
+    assert value("reuse") == "2"
+    assert SOURCE in value("source_checkpoint")
+    assert f"<lora:{LORA}:1>" in value("adapters")
+    accordion.screenshot(str(screenshot))
+
+    browser.find_element("id", "txt2img_generate").click()
+    info = wait_for(lambda: (t := browser.find_element("id", "html_info_txt2img").text) and "Delta scale" in t and t,
+                    timeout=600, what="a generated image with Delta keys")
+    assert "Delta scale: 2.5" in info and "Delta schedule: linear" in info and f"Delta source: {SOURCE}" in info

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The real-host suite: a real AUTOMATIC1111 1.10.1 from ../shared/hosts (or $DS_SHARED_HOSTS), on CPU,
-# offline, driven over HTTP and in headless Chromium. Prepares everything it needs (cached under
-# /var/tmp/sd-webui-delta-sampling/hosts, or $DS_HOSTS_CACHE), then runs pytest on tests/hosts.
+# The real-host suite: real AUTOMATIC1111 1.10.1, Forge and Forge Neo from ../shared/hosts (or
+# $DS_SHARED_HOSTS), on CPU, offline, driven over HTTP and in headless Chromium. Prepares everything
+# it needs (cached under /var/tmp/sd-webui-delta-sampling/hosts, or $DS_HOSTS_CACHE; each host's tree
+# and venv when its first test starts), then runs pytest on tests/hosts.
 # Usage: bash tests/hosts/run.sh [pytest args]      (with the test venv active, as for tests/run.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from browser import error_badges, open_page, start_chrome, wait_for
+from browser import error_badges, open_page, paste_and_generate, start_chrome, wait_for
 from generations import SCALE_KEY, changed, delta_keys, ds, init_image, xyz_args
 from models import LORA, SOURCE
 
@@ -100,6 +100,14 @@ def test_page_and_settings_load_without_errors(forge_host, artifacts):
     assert "lib_deltasampling" not in text and "scripts/delta_sampling.py" not in text, text  # no traceback of ours
 
 
+def test_accordion_paste_and_generate(forge_host, artifacts):
+    driver = start_chrome()
+    try:
+        paste_and_generate(driver, forge_host, artifacts / f"{forge_host.flavour}-accordion.png")
+    finally:
+        driver.quit()
+
+
 # ------------------------------------------------------------------ txt2img: the delta, as the engine computes it
 
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
@@ -170,6 +178,40 @@ def test_img2img_on_off_and_scale_zero(forge_host):
     assert changed(on.image(), off.image())
     assert np.array_equal(zero.image(), off.image())
     assert on.params[SCALE_KEY] == "2.0" and not delta_keys(zero.params)
+
+
+def test_inpainting_leaves_the_preserved_area_alone(forge_host):
+    """Inpainting (left half kept): the host blends the kept area back before the after-CFG callback;
+    the delta must be masked there too, and act in the repainted half."""
+    from generations import png_of
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[:, 32:] = 255                                           # white = repaint the right half
+    common = dict(prompt="a fox", init_images=[init_image()], mask=png_of(mask), denoising_strength=0.75, steps=4,
+                  inpainting_fill=1, inpaint_full_res=False)
+    off = forge_host.img2img(**common)
+    on = forge_host.img2img(ds(), **common)
+    recorded = forge_host.recorded()
+    assert on.params[SCALE_KEY] == "2.0" and changed(on.image()[:, 40:], off.image()[:, 40:])
+    calls = [c for c in recorded["calls"] if c["mask"] is not None]
+    assert len(calls) == 4
+    for c in calls:
+        kept = c["mask"].expand_as(c["after"])                   # the host's mask: 1 = keep
+        assert (c["after"] - c["before"])[kept > 0.5].abs().max().item() == 0.0
+        assert (c["after"] - c["before"])[kept < 0.5].abs().max().item() > 0.01
+
+
+def test_refiner_switch_mid_sampling(forge_host):
+    """A refiner (here the source checkpoint itself) takes over at half the steps: the host reloads its
+    model mid-sampling; the delta goes on, and scale 0 stays off."""
+    common = dict(prompt="a fox", steps=4, refiner_checkpoint=SOURCE, refiner_switch_at=0.5)
+    off = forge_host.txt2img(**common)
+    on = forge_host.txt2img(ds(), **common)
+    recorded = forge_host.recorded()
+    zero = forge_host.txt2img(ds(scale=0.0), **common)
+    assert changed(on.image(), off.image()) and np.array_equal(zero.image(), off.image())
+    assert "Refiner" in on.infotexts[0]
+    calls = recorded["calls"]
+    assert len(calls) == 4 and all(not torch.equal(c["after"], c["before"]) for c in calls)  # before and after the switch
 
 
 def test_hires_pass_gets_the_delta_once(forge_host):

@@ -31,7 +31,8 @@ class Recording:
         self.denoiser = d
         self.calls.append({"x": params.x[-b:].detach().clone().cpu(), "sigma": params.sigma[-b:].detach().clone().cpu(),
                            "step": int(d.step), "total_steps": int(d.total_steps), "steps": int(d.steps),
-                           "pass": len(self.passes) - 1})
+                           "pass": len(self.passes) - 1,
+                           "mask": d.mask.detach().clone().cpu() if getattr(d, "mask", None) is not None else None})
 
     def on_cfg_after_cfg(self, params) -> None:
         call = self.calls[-1]
