@@ -111,3 +111,29 @@ def paste_and_generate(browser, host, screenshot) -> None:
     info = wait_for(lambda: (t := browser.find_element("id", "html_info_txt2img").text) and "Delta scale" in t and t,
                     timeout=600, what="a generated image with Delta keys")
     assert "Delta scale: 2.5" in info and "Delta schedule: linear" in info and f"Delta source: {SOURCE}" in info
+
+
+def check_page_and_settings(driver, host, screenshot) -> None:
+    """The page loads with no server traceback, no error badge, no failed resource of the host's own,
+    shows the accordion, and the Settings page's Delta Sampling section renders."""
+    console = open_page(driver, host)
+    assert "Traceback" not in console and "TypeError" not in console, console
+    assert error_badges(driver) == []
+    # offline: gradio 3.41's page also asks a CDN for iframeResizer; only this host's own resources count
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
+              and not (e["source"] == "network" and not e["message"].startswith(host.url))]
+    assert severe == [], severe
+    accordion = wait_for(lambda: driver.find_element("id", TXT2IMG_ACCORDION), what="the Delta Sampling accordion")
+    assert "Delta Sampling" in accordion.text
+
+    tab = next(b for b in driver.find_elements("css selector", "#tabs > .tab-nav button") if b.text.strip() == "Settings")
+    tab.click()
+    section = wait_for(lambda: next(e for e in driver.find_elements("css selector", "#settings .tab-nav button")
+                                    if e.text.strip() == "Delta Sampling"), what="the Delta Sampling settings tab")
+    section.click()
+    device = wait_for(lambda: driver.find_element("css selector", "#setting_delta_sampling_device"),
+                      what="the device setting")
+    time.sleep(1)
+    assert device.is_displayed() and error_badges(driver) == []
+    driver.find_element("css selector", "#settings").screenshot(str(screenshot))
+    assert "Error loading script: delta_sampling.py" not in host.console_text()   # the host's own message

@@ -105,6 +105,17 @@ def forge_host(forge_family: WebUI, hosts: Hosts) -> WebUI:
 
 
 @pytest.fixture
+def chrome():
+    """Headless Chromium through Selenium (browser.py), closed after the test."""
+    from browser import start_chrome
+    driver = start_chrome()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
 def artifacts() -> Path:
     """Where screenshots and logs of the real-host suite are kept (tests/hosts/artifacts, git-ignored)."""
     d = Path(__file__).parent / "artifacts"

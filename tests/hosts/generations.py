@@ -50,3 +50,82 @@ def xyz_args(host, mode: str, axis: str, values: str) -> tuple[str, list]:
     row_count = [0] if any(a.get("label") == "Row Count" for a in xyz["args"]) else []
     return xyz["name"], [choices.index(axis), values, [], none, "", [], none, "", [],
                          True, True, False, False, False, False, False, *row_count, 0, False]
+
+
+# ------------------------------------------------------------------ checks every WebUI must pass (one body, many hosts)
+
+def check_png_info_round_trip(host) -> None:
+    on = host.txt2img(ds(start=0.0, end=0.5, schedule="linear", guidance="cond", reuse=2), prompt="a fox")
+    result = host.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + on.png_b64()})
+    assert result.status == 200
+    info = result.json()
+    assert "Delta scale: 2.0" in info["info"]
+    params = info["parameters"]
+    assert params["Delta scale"] in (2.0, "2.0") and params["Delta schedule"] == "linear"
+    assert params["Delta guidance"] == "cond" and str(params["Delta reuse"]) == "2"
+    assert params["Delta source"] == SOURCE
+
+
+def check_img2img_on_off_and_scale_zero(host) -> None:
+    common = dict(prompt="a fox", init_images=[init_image()], denoising_strength=0.75, steps=4)
+    off = host.img2img(**common)
+    on = host.img2img(ds(), **common)
+    zero = host.img2img(ds(scale=0.0), **common)
+    assert changed(on.image(), off.image())
+    assert np.array_equal(zero.image(), off.image())
+    assert on.params[SCALE_KEY] == "2.0" and not delta_keys(zero.params)
+
+
+def check_batch_with_and_prompts(host) -> None:
+    common = dict(prompt="a fox AND a cat :0.7", batch_size=2, seed=5)
+    off = host.txt2img(**common)
+    on = host.txt2img(ds(), **common)
+    assert len(on.images()) == 2
+    for a, b in zip(on.images(), off.images()):
+        assert changed(a, b)
+    alone = host.txt2img(ds(), prompt="a fox AND a cat :0.7", seed=6)
+    # the second image of the batch is seed 6: equal to seed 6 alone (batch rows are independent)
+    assert np.abs(alone.image() - on.image(1)).max() <= 2
+
+
+def check_sampler(host, sampler: str, min_change: float = 1.0) -> None:
+    common = dict(prompt="a fox", sampler_name=sampler, steps=3)
+    off = host.txt2img(**common)
+    on = host.txt2img(ds(), **common)
+    zero = host.txt2img(ds(scale=0.0), **common)
+    assert np.abs(on.image() - off.image()).mean() > min_change
+    assert np.array_equal(zero.image(), off.image())
+    assert on.info["sampler_name"] == sampler
+
+
+def check_xyz_over_delta_scale(host) -> None:
+    name, args = xyz_args(host, "txt2img", "Delta scale", "0, 1, 2")
+    grid = host.generate("txt2img", ds(), prompt="a fox", script_name=name, script_args=args)
+    images = grid.images()
+    assert len(images) == 4                                    # the grid, then the three cells
+    assert "Delta scale" not in grid.infotexts[1]              # the scale-0 cell: no delta, no claim
+    assert "Delta scale: 1.0" in grid.infotexts[2] and "Delta scale: 2.0" in grid.infotexts[3]
+    off = host.txt2img(prompt="a fox")
+    assert np.array_equal(images[1], off.image())
+    assert changed(images[2], images[1]) and changed(images[3], images[2])
+
+
+BAD_ARGUMENTS = [
+    (ds(source_checkpoint="nope.safetensors"), ["nope.safetensors", "checkpoint"]),
+    (ds(adapters="<lora:missing:1>"), ["missing"]),
+    (ds(scale="lots"), ["scale", "number"]),
+    (ds(scale=1e9), ["scale"]),
+    (ds(schedul="linear"), ["schedul"]),
+    (ds(source_checkpoint="../../etc/passwd"), ["passwd"]),
+]
+
+
+def check_bad_arguments(host, args: dict, words: list[str]) -> None:
+    """HTTP 422 naming the setting, and the host keeps working."""
+    result = host.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                             "alwayson_scripts": {"Delta Sampling": {"args": [args]}}})
+    assert result.status == 422, result.body[:500]
+    text = result.body.decode().lower()
+    for word in words:
+        assert word.lower() in text, text
+    assert host.txt2img(prompt="x", steps=1).images()

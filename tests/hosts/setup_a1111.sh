@@ -17,9 +17,9 @@ root="$cache/a1111"
 venv="$cache/a1111-venv"
 py="$venv/bin/python"
 log="$cache/setup.log"
-pip_install() {  # quiet unless it fails: then its output goes to stderr
-    "$py" -m pip install -q "$@" >"$log" 2>&1 || { cat "$log" >&2; return 1; }
-}
+# shellcheck source=setup_lib.sh
+. "$here/setup_lib.sh"
+pip_install() { pip_install_with "$py" "$log" "$@"; }
 
 if [ ! -f "$root/.unpacked" ]; then
     rm -rf "$root" "$cache/stable-diffusion-webui"

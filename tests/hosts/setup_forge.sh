@@ -33,9 +33,9 @@ fi
 venv="$cache/$host-venv"
 py="$venv/bin/python"
 log="$cache/setup-$host.log"
-pip_install() {  # quiet unless it fails: then its output goes to stderr
-    "$py" -m pip install -q "$@" >"$log" 2>&1 || { cat "$log" >&2; return 1; }
-}
+# shellcheck source=setup_lib.sh
+. "$here/setup_lib.sh"
+pip_install() { pip_install_with "$py" "$log" "$@"; }
 
 if [ ! -f "$root/.unpacked" ]; then
     rm -rf "$root" "${cache:?}/$tree"

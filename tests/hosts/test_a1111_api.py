@@ -13,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from generations import SCALE_KEY, changed, delta_keys, ds, init_image, xyz_args
+from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
+                         check_img2img_on_off_and_scale_zero, check_png_info_round_trip, check_sampler,
+                         check_xyz_over_delta_scale, delta_keys, ds)
 from models import LORA, SOURCE, TARGET
 
 # ------------------------------------------------------------------ txt2img: on, off, scale 0
@@ -104,27 +106,13 @@ def test_hashes_come_from_the_host_cache(real_a1111, sd15_models, artifacts):
 # ------------------------------------------------------------------ infotext round trip (PNG Info)
 
 def test_png_info_round_trip(real_a1111):
-    on = real_a1111.txt2img(ds(start=0.0, end=0.5, schedule="linear", guidance="cond", reuse=2), prompt="a fox")
-    result = real_a1111.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + on.png_b64()})
-    assert result.status == 200
-    info = result.json()
-    assert "Delta scale: 2.0" in info["info"]
-    params = info["parameters"]
-    assert params["Delta scale"] in (2.0, "2.0") and params["Delta schedule"] == "linear"
-    assert params["Delta guidance"] == "cond" and str(params["Delta reuse"]) == "2"
-    assert params["Delta source"] == SOURCE
+    check_png_info_round_trip(real_a1111)
 
 
 # ------------------------------------------------------------------ img2img, hires, batch + AND
 
 def test_img2img_on_off_and_scale_zero(real_a1111):
-    common = dict(prompt="a fox", init_images=[init_image()], denoising_strength=0.75, steps=4)
-    off = real_a1111.img2img(**common)
-    on = real_a1111.img2img(ds(), **common)
-    zero = real_a1111.img2img(ds(scale=0.0), **common)
-    assert changed(on.image(), off.image())
-    assert np.array_equal(zero.image(), off.image())
-    assert on.params[SCALE_KEY] == "2.0" and not delta_keys(zero.params)
+    check_img2img_on_off_and_scale_zero(real_a1111)
 
 
 def test_hires_pass_gets_the_delta_when_asked(real_a1111):
@@ -140,42 +128,19 @@ def test_hires_pass_gets_the_delta_when_asked(real_a1111):
 
 
 def test_batch_with_and_prompts(real_a1111):
-    common = dict(prompt="a fox AND a cat :0.7", batch_size=2, seed=5)
-    off = real_a1111.txt2img(**common)
-    on = real_a1111.txt2img(ds(), **common)
-    assert len(on.images()) == 2
-    for a, b in zip(on.images(), off.images()):
-        assert changed(a, b)
-    alone = real_a1111.txt2img(ds(), prompt="a fox AND a cat :0.7", seed=6)
-    # the second image of the batch is seed 6: equal to seed 6 alone (batch rows are independent)
-    assert np.abs(alone.image() - on.image(1)).max() <= 2
+    check_batch_with_and_prompts(real_a1111)
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM"])
 def test_samplers(real_a1111, sampler):
-    common = dict(prompt="a fox", sampler_name=sampler, steps=3)
-    off = real_a1111.txt2img(**common)
-    on = real_a1111.txt2img(ds(), **common)
-    zero = real_a1111.txt2img(ds(scale=0.0), **common)
-    assert changed(on.image(), off.image())
-    assert np.array_equal(zero.image(), off.image())
-    assert on.info["sampler_name"] == sampler
+    check_sampler(real_a1111, sampler)
 
 
 # ------------------------------------------------------------------ X/Y/Z plot over the Delta scale
 
 def test_xyz_plot_over_delta_scale(real_a1111):
-    name, args = xyz_args(real_a1111, "txt2img", "Delta scale", "0, 1, 2")
     before = real_a1111.console_text().count("loading source model")
-    grid = real_a1111.generate("txt2img", ds(), prompt="a fox", script_name=name, script_args=args)
-    images = grid.images()
-    assert len(images) == 4                                    # the grid, then the three cells
-    infotexts = grid.infotexts
-    assert "Delta scale" not in infotexts[1]                   # the scale-0 cell: no delta, no claim
-    assert "Delta scale: 1.0" in infotexts[2] and "Delta scale: 2.0" in infotexts[3]
-    off = real_a1111.txt2img(prompt="a fox")
-    assert np.array_equal(images[1], off.image())
-    assert changed(images[2], images[1]) and changed(images[3], images[2])
+    check_xyz_over_delta_scale(real_a1111)
     assert real_a1111.console_text().count("loading source model") - before <= 1   # one load for the grid
 
 
@@ -189,22 +154,9 @@ def test_models_route(real_a1111):
     assert adapters[LORA]["family"] == "SD1.x" and adapters[LORA]["tag"] == f"<lora:{LORA}:1>"
 
 
-@pytest.mark.parametrize("args, words", [
-    (ds(source_checkpoint="nope.safetensors"), ["nope.safetensors", "checkpoint"]),
-    (ds(adapters="<lora:missing:1>"), ["missing"]),
-    (ds(scale="lots"), ["scale", "number"]),
-    (ds(scale=1e9), ["scale"]),
-    (ds(schedul="linear"), ["schedul"]),
-    (ds(source_checkpoint="../../etc/passwd"), ["passwd"]),
-])
+@pytest.mark.parametrize("args, words", BAD_ARGUMENTS)
 def test_bad_arguments_get_422_and_the_host_keeps_working(real_a1111, args, words):
-    result = real_a1111.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64,
-                                              "alwayson_scripts": {"Delta Sampling": {"args": [args]}}})
-    assert result.status == 422, result.body[:500]
-    text = result.body.decode().lower()
-    for word in words:
-        assert word.lower() in text, text
-    assert real_a1111.get("/sdapi/v1/progress").status == 200
+    check_bad_arguments(real_a1111, args, words)
 
 
 def test_interrupt_keeps_the_host_usable_and_leaves_no_hook(real_a1111):

@@ -9,14 +9,14 @@ outside the host, from the same files, and compares.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
 
-from browser import error_badges, open_page, paste_and_generate, start_chrome, wait_for
-from generations import SCALE_KEY, changed, delta_keys, ds, init_image, xyz_args
+from browser import check_page_and_settings, paste_and_generate
+from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
+                         check_img2img_on_off_and_scale_zero, check_png_info_round_trip, check_sampler,
+                         check_xyz_over_delta_scale, delta_keys, ds, init_image)
 from models import LORA, SOURCE
 
 SAMPLERS = ["Euler", "DDIM", "PLMS", "UniPC", "DPM++ 2M"]
@@ -70,42 +70,12 @@ def engine_outputs(pair, recorded: dict, settings: dict) -> list[tuple[torch.Ten
 
 # ------------------------------------------------------------------ the page and its settings
 
-def test_page_and_settings_load_without_errors(forge_host, artifacts):
-    driver = start_chrome()
-    try:
-        console = open_page(driver, forge_host)
-        assert "Traceback" not in console and "TypeError" not in console, console
-        assert error_badges(driver) == []
-        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
-                  and not (e["source"] == "network" and not e["message"].startswith(forge_host.url))]
-        assert severe == [], severe
-        accordion = wait_for(lambda: driver.find_element("id", "script_txt2img_delta_sampling_enable"),
-                             what="the Delta Sampling accordion")
-        assert "Delta Sampling" in accordion.text
-        tab = next(b for b in driver.find_elements("css selector", "#tabs > .tab-nav button")
-                   if b.text.strip() == "Settings")
-        tab.click()
-        section = wait_for(lambda: next(e for e in driver.find_elements("css selector", "#settings .tab-nav button")
-                                        if e.text.strip() == "Delta Sampling"), what="the Delta Sampling settings")
-        section.click()
-        device = wait_for(lambda: driver.find_element("css selector", "#setting_delta_sampling_device"),
-                          what="the device setting")
-        time.sleep(1)
-        assert device.is_displayed() and error_badges(driver) == []
-        driver.find_element("css selector", "#settings").screenshot(
-            str(artifacts / f"{forge_host.flavour}-settings.png"))
-    finally:
-        driver.quit()
-    text = forge_host.console_text()
-    assert "lib_deltasampling" not in text and "scripts/delta_sampling.py" not in text, text  # no traceback of ours
+def test_page_and_settings_load_without_errors(forge_host, chrome, artifacts):
+    check_page_and_settings(chrome, forge_host, artifacts / f"{forge_host.flavour}-settings.png")
 
 
-def test_accordion_paste_and_generate(forge_host, artifacts):
-    driver = start_chrome()
-    try:
-        paste_and_generate(driver, forge_host, artifacts / f"{forge_host.flavour}-accordion.png")
-    finally:
-        driver.quit()
+def test_accordion_paste_and_generate(forge_host, chrome, artifacts):
+    paste_and_generate(chrome, forge_host, artifacts / f"{forge_host.flavour}-accordion.png")
 
 
 # ------------------------------------------------------------------ txt2img: the delta, as the engine computes it
@@ -148,36 +118,16 @@ def test_txt2img_off_zero_and_on(forge_host):
 
 @pytest.mark.parametrize("sampler", SAMPLERS[1:])
 def test_samplers(forge_host, sampler):
-    """DDIM, PLMS and UniPC once got almost no delta here while the infotext claimed one."""
-    common = dict(prompt="a fox", sampler_name=sampler, steps=3)
-    off = forge_host.txt2img(**common)
-    on = forge_host.txt2img(ds(), **common)
-    zero = forge_host.txt2img(ds(scale=0.0), **common)
-    assert np.abs(on.image() - off.image()).mean() > 10        # a real delta (the bug gave ~1.6)
-    assert np.array_equal(zero.image(), off.image())
-    assert on.info["sampler_name"] == sampler
+    """DDIM, PLMS and UniPC once got almost no delta here (mean change ~1.6) while the infotext claimed one."""
+    check_sampler(forge_host, sampler, min_change=10)
 
 
 def test_png_info_round_trip(forge_host):
-    on = forge_host.txt2img(ds(start=0.0, end=0.5, schedule="linear", guidance="cond", reuse=2), prompt="a fox")
-    result = forge_host.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + on.png_b64()})
-    assert result.status == 200
-    info = result.json()
-    assert "Delta scale: 2.0" in info["info"]
-    params = info["parameters"]
-    assert params["Delta scale"] in (2.0, "2.0") and params["Delta schedule"] == "linear"
-    assert params["Delta guidance"] == "cond" and str(params["Delta reuse"]) == "2"
-    assert params["Delta source"] == SOURCE
+    check_png_info_round_trip(forge_host)
 
 
 def test_img2img_on_off_and_scale_zero(forge_host):
-    common = dict(prompt="a fox", init_images=[init_image()], denoising_strength=0.75, steps=4)
-    off = forge_host.img2img(**common)
-    on = forge_host.img2img(ds(), **common)
-    zero = forge_host.img2img(ds(scale=0.0), **common)
-    assert changed(on.image(), off.image())
-    assert np.array_equal(zero.image(), off.image())
-    assert on.params[SCALE_KEY] == "2.0" and not delta_keys(zero.params)
+    check_img2img_on_off_and_scale_zero(forge_host)
 
 
 def test_inpainting_leaves_the_preserved_area_alone(forge_host):
@@ -233,14 +183,7 @@ def test_hires_pass_gets_the_delta_once(forge_host):
 
 
 def test_batch_with_and_prompts(forge_host):
-    common = dict(prompt="a fox AND a cat :0.7", batch_size=2, seed=5)
-    off = forge_host.txt2img(**common)
-    on = forge_host.txt2img(ds(), **common)
-    assert len(on.images()) == 2
-    for a, b in zip(on.images(), off.images()):
-        assert changed(a, b)
-    alone = forge_host.txt2img(ds(), prompt="a fox AND a cat :0.7", seed=6)
-    assert np.abs(alone.image() - on.image(1)).max() <= 2
+    check_batch_with_and_prompts(forge_host)
 
 
 def test_cfg_one_has_no_uncond_and_still_works(forge_host):
@@ -251,15 +194,7 @@ def test_cfg_one_has_no_uncond_and_still_works(forge_host):
 
 
 def test_xyz_plot_over_delta_scale(forge_host):
-    name, args = xyz_args(forge_host, "txt2img", "Delta scale", "0, 1, 2")
-    grid = forge_host.generate("txt2img", ds(), prompt="a fox", script_name=name, script_args=args)
-    images = grid.images()
-    assert len(images) == 4
-    assert "Delta scale" not in grid.infotexts[1]
-    assert "Delta scale: 1.0" in grid.infotexts[2] and "Delta scale: 2.0" in grid.infotexts[3]
-    off = forge_host.txt2img(prompt="a fox")
-    assert np.array_equal(images[1], off.image())
-    assert changed(images[2], images[1]) and changed(images[3], images[2])
+    check_xyz_over_delta_scale(forge_host)
 
 
 def test_models_route(forge_host):
@@ -270,16 +205,6 @@ def test_models_route(forge_host):
     assert adapters[LORA]["family"] == "SD1.x"
 
 
-@pytest.mark.parametrize("args, words", [
-    (ds(source_checkpoint="nope.safetensors"), ["nope.safetensors", "checkpoint"]),
-    (ds(adapters="<lora:missing:1>"), ["missing"]),
-    (ds(scale="lots"), ["scale", "number"]),
-])
+@pytest.mark.parametrize("args, words", BAD_ARGUMENTS)
 def test_bad_arguments_get_422_and_the_host_keeps_working(forge_host, args, words):
-    result = forge_host.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 64, "height": 64,
-                                                   "alwayson_scripts": {"Delta Sampling": {"args": [args]}}})
-    assert result.status == 422, result.body[:500]
-    text = result.body.decode().lower()
-    for word in words:
-        assert word.lower() in text, text
-    assert forge_host.txt2img(prompt="x", steps=1).images()
+    check_bad_arguments(forge_host, args, words)
