@@ -188,6 +188,33 @@ def test_hires_pass_follows_the_setting(a1111, monkeypatch):
     assert len(installs) == 1 and our_callbacks(a1111) == 0
 
 
+def test_a_pass_announced_twice_is_prepared_once(a1111, monkeypatch):
+    """Forge calls process_before_every_sampling twice for the hires pass (modules/processing.py
+    sample_hr_pass, before and after resetting forge_objects), with the same noise: the delta is
+    prepared and installed once per pass, the image is the one of a single call, and every batch
+    iteration (a new noise tensor) still gets its own pass."""
+    from lib_deltasampling.webui.hooks_cfg import PassHook
+
+    setup_host(a1111)
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.6, hr_upscaler="Latent",
+                 n_iter=2)
+    once = a1111.txt2img(ds(hires=True), **hires)
+    installs = []
+    original_install = PassHook.install
+    monkeypatch.setattr(PassHook, "install", lambda self: (installs.append(self), original_install(self))[1])
+    runner = type(a1111.scripts.scripts_txt2img)
+    original = runner.process_before_every_sampling
+
+    def twice(self, p, **kwargs):
+        original(self, p, **kwargs)
+        original(self, p, **kwargs)
+    monkeypatch.setattr(runner, "process_before_every_sampling", twice)
+    doubled = a1111.txt2img(ds(hires=True), **hires)
+    assert a1111.reports == [] and len(installs) == 4           # 2 iterations x (first pass + hires pass)
+    assert all(torch.equal(a, b) for a, b in zip(doubled.processed.images, once.processed.images))
+    assert our_callbacks(a1111) == 0
+
+
 def test_batches_and_prompts_and_ngms(a1111):
     setup_host(a1111)
     a1111.shared.opts.s_min_uncond = 100.0  # NGMS: skip the uncond on every other step

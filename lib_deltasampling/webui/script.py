@@ -45,7 +45,7 @@ class Run:
     library: EmbeddingLibrary | None
     infotext: dict[str, str]
     hook: PassHook | None = None
-    pass_key: tuple | None = None  # the sampling pass the hook serves (Forge calls the hires one twice)
+    pass_noise: object = None  # the noise of the pass the hook serves (Forge calls the hires one twice)
     failed: bool = False
     infotext_written: bool = False  # run.infotext went into p.extra_generation_params
     stats: SourceStats = field(default_factory=SourceStats)  # the source's runs over every pass
@@ -54,7 +54,7 @@ class Run:
         if self.hook is not None:
             hook, self.hook = self.hook, None
             hook.remove()
-        self.pass_key = None
+        self.pass_noise = None
 
 
 SHORT_MEMORY_BYTES = 2 * 1024 ** 3
@@ -197,9 +197,10 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
     if run is None or run.failed:
         return
     hires = getattr(p, "is_hr_pass", False)
-    pass_key = (hires, id(noise))
-    if run.hook is not None and run.pass_key == pass_key:
-        return  # the same pass again (Forge calls the hires pass's hook twice): already prepared
+    if run.hook is not None and noise is not None and run.pass_noise is noise:
+        # the same pass again (Forge calls the hires pass's hook twice, with the same noise tensor;
+        # held here, so no later tensor can take its id): already prepared
+        return
     run.close()  # the previous pass's callbacks never serve this one
     if hires and not run.settings.hires:
         return
@@ -229,7 +230,7 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
         start = InitialLatent(noise, x if img2img else None, extra) if noise is not None else None
         run.hook = PassHook(sampler, schedule, on_error=lambda exc: fail(p, exc), start=start)
         run.hook.install()
-        run.pass_key = pass_key
+        run.pass_noise = noise
         p.extra_generation_params.update(run.infotext)
         run.infotext_written = True
     except Exception as exc:  # noqa: BLE001
