@@ -420,9 +420,10 @@ def test_hands_timesteps_reads_the_denoiser_as_each_host_builds_it():
 def test_the_guard_catches_the_old_double_conversion_on_forge(monkeypatch):
     """With the pre-fix rule (timesteps whenever inner_model has no `sigmas`), Forge's converted values are
     converted again: the first call stops with HostMismatch and no step is corrected."""
-    from lib_deltasampling.webui import hooks_cfg
-
-    monkeypatch.setattr(hooks_cfg, "hands_timesteps", lambda d: not hasattr(d.inner_model, "sigmas"))
+    # patch the module PassHook runs in (the A1111 stand-in re-imports lib_deltasampling, so the name
+    # `lib_deltasampling.webui.hooks_cfg` may by now be another module object than the one imported above)
+    monkeypatch.setitem(PassHook.on_cfg_denoiser.__globals__, "hands_timesteps",
+                        lambda d: not hasattr(d.inner_model, "sigmas"))
     out, sampler, errors, hook = run_ddim(ForgeCFGDenoiserTimesteps)
     assert len(errors) == 1 and isinstance(errors[0], HostMismatch) and hook.failed
     assert sampler.calls == []
