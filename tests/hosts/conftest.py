@@ -6,6 +6,7 @@ With DS_REAL_HOSTS=1 and no shared hosts folder the suite fails: nothing is skip
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,15 +86,21 @@ def real_a1111(hosts: Hosts) -> WebUI:
 
 def prepared(flavour: str) -> Path:
     kind = FLAVOURS[flavour]
+    if kind.tarball is None and not kind.tree_override:
+        pytest.fail(f"no {flavour} tree: set DS_{flavour.upper()}_TREE")
     if not kind.tree_override and not (SHARED_HOSTS / kind.tarball).is_file():
         pytest.fail(f"DS_REAL_HOSTS=1 but {SHARED_HOSTS} has no {kind.tarball} (set DS_SHARED_HOSTS)")
     return kind.prepare()
 
 
-@pytest.fixture(scope="module", params=["forge", "neo"])
+# reForge's tree is not shipped in ../shared/hosts: it joins when DS_REFORGE_TREE names a checkout
+FORGE_FAMILY = ["forge", "neo", *(["reforge"] if os.environ.get("DS_REFORGE_TREE") else [])]
+
+
+@pytest.fixture(scope="module", params=FORGE_FAMILY)
 def forge_family(request, hosts: Hosts) -> WebUI:
-    """Forge (main dfdcbab) and Forge Neo (2.26), CPU, with probe/ recording the CFG callbacks; one
-    after the other (module scope: every test of a module runs in Forge, then in Neo)."""
+    """Forge (main dfdcbab), Forge Neo (2.26) [and reForge], CPU, with probe/ recording the CFG callbacks;
+    one after the other (module scope: every test of a module runs in Forge, then in Neo)."""
     return hosts.get(request.param, TARGET, flavour=request.param, record=True)
 
 

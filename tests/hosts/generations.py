@@ -40,16 +40,20 @@ def init_image() -> str:
 
 
 def xyz_args(host, mode: str, axis: str, values: str) -> tuple[str, list]:
+    """The X/Y/Z plot's script args: one axis, the cells returned with the grid. Built from the host's
+    own argument list (/sdapi/v1/script-info), whose length differs: A1111 and Forge 18 (x, y, z
+    type/values/dropdown, draw_legend, include_lone_images, ..., margin_size, csv_mode), Neo 2.26 adds
+    row_count, reForge draw_individual_labels, skip_grid and items_per_grid."""
     info = host.get("/sdapi/v1/script-info").json()
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and s["is_img2img"] == (mode == "img2img"))
     choices = xyz["args"][0]["choices"]
     none = choices.index("Nothing")
-    # xyz_grid.py (1.10) run(): x_type, x_values, x_values_dropdown, y..., z..., draw_legend,
-    # include_lone_images, include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, [row_count: Neo 2.26,]
-    # margin_size, csv_mode
-    row_count = [0] if any(a.get("label") == "Row Count" for a in xyz["args"]) else []
-    return xyz["name"], [choices.index(axis), values, [], none, "", [], none, "", [],
-                         True, True, False, False, False, False, False, *row_count, 0, False]
+    args = [a.get("value") for a in xyz["args"]]
+    args[0:9] = [choices.index(axis), values, [], none, "", [], none, "", []]
+    for i, a in enumerate(xyz["args"]):
+        if a.get("label") in ("Draw legend", "Include Sub Images"):
+            args[i] = True
+    return xyz["name"], args
 
 
 # ------------------------------------------------------------------ checks every WebUI must pass (one body, many hosts)

@@ -44,7 +44,7 @@ PROBE = Path(__file__).resolve().parent / "probe"
 class Flavour:
     """How one WebUI is prepared and started (../shared/hosts/README.md's CPU recipes)."""
     name: str
-    tarball: str
+    tarball: str | None                     # in ../shared/hosts; None: only a tree of your own (DS_<NAME>_TREE)
     args: tuple[str, ...]                   # besides --port, --data-dir and the model folders
     ckpt_flag: str = "--ckpt-dir"
     lora_flag: str = "--lora-dir"
@@ -52,7 +52,7 @@ class Flavour:
 
     @property
     def tree_override(self) -> str | None:
-        """DS_FORGE_TREE / DS_NEO_TREE: run that tree instead of the shipped one."""
+        """DS_FORGE_TREE / DS_NEO_TREE / DS_REFORGE_TREE: run that tree instead of the shipped one."""
         return os.environ.get(f"DS_{self.name.upper()}_TREE") if self.name != "a1111" else None
 
     @property
@@ -65,8 +65,8 @@ class Flavour:
 
     def prepare(self) -> Path:
         """Unpack the tree and install its venv (cached; the first run takes a few minutes)."""
-        script = "setup_a1111.sh" if self.name == "a1111" else "setup_forge.sh"
-        host_arg = [] if self.name == "a1111" else [self.name]
+        script = {"a1111": "setup_a1111.sh", "reforge": "setup_reforge.sh"}.get(self.name, "setup_forge.sh")
+        host_arg = [self.name] if script == "setup_forge.sh" else []
         subprocess.run(["bash", str(REPO / "tests" / "hosts" / script), *host_arg, str(SHARED_HOSTS), str(CACHE)],
                        check=True, stdout=subprocess.DEVNULL)
         return self.root
@@ -79,12 +79,15 @@ class Flavour:
         return {"VERSION_UID": re.search(r'^VERSION_UID\b[^=]*=\s*"([^"]+)"', text, re.M).group(1)}
 
 
+_A1111_ARGS = ("--skip-prepare-environment", "--skip-version-check", "--api", "--skip-torch-cuda-test",
+               "--no-half", "--use-cpu", "all", "--no-download-sd-model")
 _FORGE_COMMON = ("--skip-torch-cuda-test", "--skip-prepare-environment", "--skip-python-version-check",
                  "--skip-version-check", "--api", "--server-name", "127.0.0.1")
 FLAVOURS = {
-    "a1111": Flavour("a1111", "a1111-v1.10.1.tar.gz",
-                     ("--skip-prepare-environment", "--skip-version-check", "--api", "--skip-torch-cuda-test",
-                      "--no-half", "--use-cpu", "all", "--no-download-sd-model")),
+    "a1111": Flavour("a1111", "a1111-v1.10.1.tar.gz", _A1111_ARGS),
+    # reForge: A1111's flags plus ldm_patched's --always-cpu (without it start-up asks CUDA for a device);
+    # it prints "Model <name> [hash] loaded in", not "Model loaded in"
+    "reforge": Flavour("reforge", None, (*_A1111_ARGS, "--always-cpu"), ready="loaded in"),
     "forge": Flavour("forge", "forge-dfdcbab6.tar.gz", ("--always-cpu", "--no-download-sd-model", *_FORGE_COMMON),
                      ready="Startup time"),
     # Neo: --cpu for --always-cpu, no --no-download-sd-model, folder lists for --ckpt-dir/--lora-dir
@@ -166,7 +169,7 @@ class WebUI:
         kind = self.kind
         args = [str(kind.python), "launch.py", *kind.args, "--port", str(self.port), "--data-dir", str(self.data_dir),
                 kind.ckpt_flag, str(self.ckpt_dir), kind.lora_flag, str(self.lora_dir), *self.extra_args]
-        if self.flavour != "a1111":
+        if self.flavour in ("forge", "neo"):
             # gradio 4 serves /file= only from allowed paths, by default just the data dir: with the data
             # dir outside the tree, the tree's own script.js and the linked extension would answer 403
             args += ["--gradio-allowed-path", str(self.root), "--gradio-allowed-path", str(REPO)]
