@@ -6,7 +6,7 @@ Hosts are told apart by what they have imported, never by version strings:
 - reForge and Forge Classic: the ComfyUI-style `ldm_patched` backend.
 - AUTOMATIC1111: neither.
 
-All three keep A1111's CFG-denoiser callbacks (`on_cfg_denoiser`, `on_cfg_after_cfg`), which is the
+All of them keep A1111's CFG-denoiser callbacks (`on_cfg_denoiser`, `on_cfg_after_cfg`), which is the
 one sampling hook used everywhere (`hooks_cfg.py`); what they hand to it differs and is read from the
 denoiser itself (`hooks_cfg.hands_timesteps`).
 """
@@ -42,7 +42,7 @@ def detect(modules: dict | None = None) -> Host:
         # Forge2's predictor maps sigma to the nearest training timestep
         # (backend/modules/k_prediction.py Prediction.timestep: argmin |log sigma - log sigmas|)
         return Host(FORGE, "nearest")
-    if "ldm_patched.modules.model_sampling" in loaded or "ldm_patched" in loaded:
+    if "ldm_patched" in loaded:
         # reForge runs its UNet through ldm_patched's sampling_function: ModelSamplingDiscrete.timestep
         # is the same argmin (ldm_patched/modules/model_sampling.py)
         return Host(REFORGE, "nearest")
