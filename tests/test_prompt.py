@@ -12,7 +12,9 @@ import pytest
 
 from lib_deltasampling.errors import UserError
 from lib_deltasampling.runtime.text.prompt import (
+    MAX_BRACKET_DEPTH,
     ExtraNetworkTag,
+    bracket_depth,
     extract_extra_networks,
     parse_prompt_attention,
     prompt_schedules,
@@ -296,3 +298,31 @@ def test_prompt_schedules_old_timelines():
 def test_prompt_schedules_unparsable_is_kept():
     assert prompt_schedules("a | b", 10) == [(10, "a | b")]
     assert prompt_schedules("trailing \\", 10) == [(10, "trailing \\")]
+
+
+# ------------------------------------------------------------------ bounds: deep nesting, non-finite weights
+
+def test_bracket_depth_counts_unescaped_brackets():
+    assert bracket_depth("a (b [c] (d)) e") == 2
+    assert bracket_depth(r"\(\(\( a") == 0 and bracket_depth("))) ((a") == 2
+
+
+def test_deep_nesting_is_a_named_error_not_a_recursion_error():
+    """10,000 nested brackets: the schedule parser recurses per level; past MAX_BRACKET_DEPTH the
+    prompt is refused before parsing, with the depth and the limit in the message."""
+    with pytest.raises(UserError, match=r"^prompt: brackets nest 10000 levels deep.*the limit is 100"):
+        prompt_schedules("(" * 10000 + "a", 20)
+    deep = "(" * MAX_BRACKET_DEPTH + "a" + ")" * MAX_BRACKET_DEPTH
+    assert prompt_schedules(deep, 20) == [(20, deep)]   # the limit itself parses
+
+
+@pytest.mark.parametrize("text, words", [
+    ("(cat:" + "9" * 400 + ")", ["emphasis weight", "not a finite number"]),   # float() gives inf
+    ("(" * 10000 + "a", ["multiplies to inf"]),                               # 1.1 ** 10000
+])
+def test_non_finite_emphasis_is_a_named_error(text, words):
+    with pytest.raises(UserError) as caught:
+        parse_prompt_attention(text)
+    for word in words:
+        assert word in str(caught.value)
+    assert str(caught.value).startswith("prompt:") and len(str(caught.value)) < 300

@@ -110,6 +110,12 @@ def test_batch_seeds_and_latent_out(files, tmp_path):
     (["--scale", "1e9"], "outside -10 to 10"),
     (["--start", "0.8", "--end", "0.2"], "start"),
     (["--steps", "0"], "--steps"),
+    (["--steps", "1000000"], "--steps: 1000000 is outside 1 to 150"),      # A1111's own limits
+    (["--batch", "10000"], "--batch: 10000 is outside 1 to 8"),
+    (["--width", "100000"], "from 64 to 2048"),
+    (["--cfg", "-5"], "--cfg: -5.0 is not a CFG scale from 0 to 30"),
+    (["--cfg", "inf"], "--cfg"),
+    (["--seed", str(2 ** 70)], "seed: 1180591620717411303424 is outside"),  # torch's manual_seed range
     (["--width", "65"], "--width"),
     (["--sampler", "Heun++"], "Sampler"),
     (["--schedule-type", "Wobbly"], "Schedule type"),

@@ -411,3 +411,9 @@ def test_shape_errors_and_seed_helpers():
         ImageNoise([1], (4, 4))
     assert fixed_seed(123) == 123
     assert 0 <= fixed_seed(-1) < 4294967294
+    # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; beyond it A1111 would raise "Overflow"
+    assert image_seeds(2 ** 64 - 2, 2) == [2 ** 64 - 2, 2 ** 64 - 1]
+    torch.Generator().manual_seed(2 ** 64 - 1)
+    for seed, count in ((2 ** 64 - 2, 3), (2 ** 64, 1), (10 ** 30, 1), (-2 ** 63 - 1, 1)):
+        with pytest.raises(SettingError, match=r"^seed: .* is outside"):
+            image_seeds(seed, count)

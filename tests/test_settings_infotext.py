@@ -113,6 +113,8 @@ def test_values_are_canonical_and_api_dict_round_trips():
     ({"source_cfg": 31}, ["(source_cfg)", "31", "from 0 to 30"]),
     ({"reuse": 2.5}, ["(reuse)", "2.5", "not a whole number", "whole number from 1 to 10"]),
     ({"reuse": 0}, ["(reuse)", "0", "outside 1 to 10"]),
+    ({"scale": 10 ** 400}, ["(scale)", "'100000000000...'", "not a finite number"]),   # float() overflows
+    ({"reuse": 10 ** 400}, ["(reuse)", "not a finite number"]),
     ({"schedule": "wavy"}, ["(schedule)", "'wavy'", "constant, linear, cosine"]),
     ({"guidance": 1}, ["(guidance)", "not text", "full, cond"]),
     ({"resolution": "big"}, ["(resolution)", "target, native"]),

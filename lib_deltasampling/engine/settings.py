@@ -85,7 +85,10 @@ class FieldSpec:
         if kind in ("float", "int"):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise self._error(value, f"is a {type(value).__name__}, not a number", source)
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:                    # an int beyond float's range (10**400)
+                raise self._error(f"{str(value)[:12]}...", "is not a finite number", source) from None
             if not math.isfinite(number):
                 raise self._error(value, "is not a finite number", source)
             if kind == "int":

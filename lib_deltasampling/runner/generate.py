@@ -14,6 +14,7 @@ settings definition (engine/settings.py).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -103,15 +104,22 @@ def settings_from_args(args: argparse.Namespace) -> DeltaSettings:
     return DeltaSettings.from_dict(values, source="command-line")
 
 
+# A1111's own UI limits (modules/ui.py sliders: steps 1-150, batch size 1-8, width/height 64-2048,
+# CFG 1-30), checked before anything loads: a typo must not run for hours or allocate gigabytes
+MAX_STEPS, MAX_BATCH, MAX_SIZE, MAX_CFG = 150, 8, 2048, 30.0
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    for name, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1)):
-        if value < low:
-            raise SettingError(name, f"{value} is below {low}", f"Use {low} or more")
+    for name, value, high in (("--steps", args.steps, MAX_STEPS), ("--batch", args.batch, MAX_BATCH)):
+        if not 1 <= value <= high:
+            raise SettingError(name, f"{value} is outside 1 to {high}", f"Use a value from 1 to {high}")
     for name, value in (("--width", args.width), ("--height", args.height)):
-        if value < 64 or value % 8:
-            raise SettingError(name, f"{value} is not a multiple of 8 of at least 64", "Use e.g. 512, 768 or 1024")
-    if not (args.cfg == args.cfg and abs(args.cfg) < 100):
-        raise SettingError("--cfg", f"{args.cfg} is not a usable CFG scale", "Use a value such as 7")
+        if not 64 <= value <= MAX_SIZE or value % 8:
+            raise SettingError(name, f"{value} is not a multiple of 8 from 64 to {MAX_SIZE}",
+                               "Use e.g. 512, 768 or 1024")
+    if not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_CFG):
+        raise SettingError("--cfg", f"{args.cfg} is not a CFG scale from 0 to {MAX_CFG:g}", "Use a value such as 7")
+    image_seeds(0 if args.seed == -1 else args.seed, args.batch)  # raises for seeds torch cannot take
 
 
 def find_adapter(name: str, folders: list[Path]) -> Path:

@@ -388,9 +388,17 @@ def fixed_seed(seed: int) -> int:
     return random.Random().randrange(4294967294) if int(seed) == -1 else int(seed)
 
 
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+
+
 def image_seeds(seed: int, count: int) -> list[int]:
     """A1111 `all_seeds` (no variation seed): image i of a run gets seed + i, across batches."""
-    return [int(seed) + i for i in range(count)]
+    seeds = [int(seed) + i for i in range(count)]
+    low, high = SEED_RANGE
+    if seeds and not (low <= seeds[0] and seeds[-1] <= high):
+        raise SettingError("seed", f"{str(seed)[:24]} is outside {low} to {high} (for {count} images)",
+                           "Use -1 for a random seed, or a smaller whole number")
+    return seeds
 
 
 def latent_shape(width: int, height: int, channels: int = LATENT_CHANNELS) -> tuple[int, int, int]:

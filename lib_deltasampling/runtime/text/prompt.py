@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,12 +44,43 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 BREAK_WEIGHT = -1.0  # marker weight of a BREAK piece (only a bare BREAK outside brackets keeps it)
 
 
+MAX_BRACKET_DEPTH = 100  # nesting of ( and [ a prompt may have (the schedule parser recurses per level)
+
+
 def _weight_value(text: str, prompt: str) -> float:
     try:
-        return float(text)
+        weight = float(text)
     except ValueError:
         raise UserError("prompt", f"emphasis weight '{text}' in '{prompt[:80]}' is not a number",
                         r"Write it like (word:1.2), or escape literal brackets as \( \)") from None
+    if not math.isfinite(weight):
+        raise UserError("prompt", f"emphasis weight '{text[:20]}' in '{prompt[:80]}' is not a finite number",
+                        "Write it like (word:1.2)")
+    return weight
+
+
+def bracket_depth(prompt: str) -> int:
+    """The deepest nesting of unescaped ( and [ in `prompt`."""
+    depth = deepest = 0
+    escaped = False
+    for c in prompt:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]" and depth:
+            depth -= 1
+    return deepest
+
+
+def check_bracket_depth(prompt: str) -> None:
+    depth = bracket_depth(prompt)
+    if depth > MAX_BRACKET_DEPTH:
+        raise UserError("prompt", f"brackets nest {depth} levels deep in '{prompt[:40]}...'; the limit is "
+                        f"{MAX_BRACKET_DEPTH}", "Remove the extra brackets, or escape literal ones as \\( \\[")
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
@@ -89,6 +121,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         scale_from(start, SQUARE_MULTIPLIER)
 
+    for piece in pieces:
+        if not math.isfinite(piece[1]):
+            raise UserError("prompt", f"the emphasis of '{piece[0][:40]}' in '{text[:80]}' multiplies to {piece[1]}",
+                            "Use fewer nested brackets or smaller weights")
     if not pieces:
         pieces = [["", 1.0]]
     merged = [pieces[0]]
@@ -435,6 +471,7 @@ def prompt_schedules(prompt: str, steps: int, *, hires_steps: int | None = None,
     the hires steps). use_old_scheduling: A1111's "Use old prompt editing timelines"
     (default False). A prompt the grammar rejects (e.g. a '|' outside [a|b]) is used as is.
     """
+    check_bracket_depth(prompt)  # before the recursive parser
     if hires_steps is None or use_old_scheduling:
         int_offset, frac_offset, total = 0, 0.0, steps
     else:
