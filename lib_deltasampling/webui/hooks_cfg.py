@@ -28,7 +28,6 @@ removed by function (`remove_callbacks_for_function`) at the end, on error and o
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,8 +35,6 @@ import torch
 
 from ..engine.sampler import DeltaSampler
 from ..runtime.denoiser import DiscreteSchedule
-
-log = logging.getLogger("delta-sampling")
 
 
 # ------------------------------------------------------------------ pure pieces (tested without a host)

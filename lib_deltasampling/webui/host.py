@@ -99,7 +99,7 @@ def check_target(sd_model) -> None:
     16 channels, so the channel count decides."""
     channels = target_latent_channels(sd_model)
     legacy = getattr(sd_model, "is_webui_legacy_model", None)
-    if channels != DELTA_LATENT_CHANNELS or getattr(sd_model, "is_sd3", False) or (callable(legacy) and not legacy()):
+    if channels != DELTA_LATENT_CHANNELS or (callable(legacy) and not legacy()):
         kind = type(sd_model).__name__
         raise UserError(f"the WebUI's checkpoint '{target_name(sd_model)}'",
                         f"is a {kind} model with {channels}-channel latents; Delta Sampling adds an "
