@@ -1,8 +1,8 @@
-"""Reading model files: safetensors header validation, lazy reads, refusal of pickled code."""
+"""Reading model files: lazy reads, truncated and garbage files, refusal of pickled code.
+(Each safetensors header rule is tested against the reference reader in test_safetensors_header.)"""
 
 from __future__ import annotations
 
-import json
 import pickle
 import struct
 from pathlib import Path
@@ -52,29 +52,6 @@ def test_prefix_view_strips_prefix_and_filters(tmp_path: Path):
     assert unet.sub("b.").keys() == ["c"]
 
 
-def _write_raw(path: Path, header: dict, data: bytes) -> Path:
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-    return path
-
-
-@pytest.mark.parametrize("case, header, data, words", [
-    ("offsets past end", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "truncated"),
-    ("offsets vs shape", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16, "do not match"),
-    ("negative offsets", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, b"\0" * 8, "do not match"),
-    ("overlap", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
-    ("bad dtype", {"w": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, b"\0" * 16, "unsupported dtype"),
-    ("bad shape", {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "invalid shape"),
-    ("missing field", {"w": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "malformed"),
-])
-def test_bad_safetensors_headers_are_named_errors(tmp_path: Path, case, header, data, words):
-    path = _write_raw(tmp_path / "bad.safetensors", header, data)
-    with pytest.raises(ModelFileError) as e:
-        open_store(path)
-    assert str(path) in str(e.value) and words in str(e.value), case
-
-
 def test_truncated_safetensors(tmp_path: Path):
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.randn(64, 64)}, str(good))
@@ -90,7 +67,7 @@ def test_truncated_safetensors(tmp_path: Path):
     (b"\x01\x02", "too short"),
     (struct.pack("<Q", 1 << 40) + b"{}", "header length"),
     (struct.pack("<Q", 5) + b"nope!", "not valid JSON"),
-    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    (struct.pack("<Q", 2) + b"[]", "not an object"),
 ])
 def test_garbage_files(tmp_path: Path, content, words):
     path = tmp_path / "x.safetensors"

@@ -1,7 +1,7 @@
 """Read model files without trusting them.
 
-`.safetensors`: the header is validated (size, JSON, dtypes, shapes, offsets inside
-the file and not overlapping) before any offset is used; tensors are read lazily
+`.safetensors`: the header is checked by the format's own rules (`safetensors_header`)
+before any offset is used; tensors are read lazily
 through a memory map. `.ckpt`/`.pt`/`.pth`/`.bin`: only `torch.load(weights_only=True)`,
 which refuses pickled code instead of running it. Nothing else is unpickled, ever.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import pickle
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
+from .safetensors_header import CORRUPT, Header, HeaderError, header_length, parse_header
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -45,8 +45,7 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 
-# A real header is a few hundred KB; anything far larger is a corrupt length field.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+TORCH_DIM_MAX = 2**63 - 1  # torch sizes are int64
 
 
 class TensorStore:
@@ -155,71 +154,51 @@ def open_store(path: str | Path) -> TensorStore:
         "Use a .safetensors file (or .ckpt/.pt, which are read with weights_only=True)")
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """Return (tensor entries, metadata, data start) after checking every field."""
+def read_safetensors_header(path: Path) -> Header:
+    """The file's header, checked by the format's rules (`safetensors_header`) and against
+    what PyTorch can hold, before any offset is used."""
     size = path.stat().st_size
-    if size == 0:
-        raise ModelFileError(path, "the file is empty", "Download it again")
-    if size < 8:
-        raise ModelFileError(path, f"only {size} bytes, too short for a safetensors header",
-                             "The file is truncated; download it again")
-    with path.open("rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len == 0 or header_len > MAX_HEADER_BYTES or header_len > size - 8:
-            raise ModelFileError(
-                path, f"header length {header_len} does not fit a file of {size} bytes",
-                "The file is truncated or not a safetensors file; download it again")
-        raw = f.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(path, f"the safetensors header is not valid JSON ({e.__class__.__name__})",
-                             "The file is corrupt; download it again") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(path, "the safetensors header is not a JSON object", "The file is corrupt; download it again")
-
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        metadata = {}
-    data_start = 8 + header_len
-    data_size = size - data_start
-    spans: list[tuple[int, int, str]] = []
-    for key, entry in header.items():
-        where = f"tensor '{key}'"
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise ModelFileError(path, f"{where} has a malformed header entry", "The file is corrupt; download it again")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ModelFileError(path, f"{where} has unsupported dtype {dtype!r}",
+        with path.open("rb") as f:
+            n = header_length(f.read(8), size)
+            header = parse_header(f.read(n), size)
+    except HeaderError as e:
+        raise ModelFileError(path, e.problem, e.fix) from None
+    for key, entry in header.tensors.items():
+        if entry.dtype not in SAFETENSORS_DTYPES:
+            raise ModelFileError(path, f"tensor '{key}' has dtype {entry.dtype}, which this extension cannot load",
                                  f"Supported: {', '.join(SAFETENSORS_DTYPES)}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ModelFileError(path, f"{where} has an invalid shape {shape!r}", "The file is corrupt; download it again")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ModelFileError(path, f"{where} has invalid data offsets {offsets!r}", "The file is corrupt; download it again")
-        begin, end = offsets
-        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
-        if not (0 <= begin <= end) or end - begin != expected:
-            raise ModelFileError(path, f"{where} offsets {offsets} do not match its shape {shape} and dtype {dtype}",
-                                 "The file is corrupt; download it again")
-        if end > data_size:
-            raise ModelFileError(path, f"{where} ends at byte {end} but the file holds only {data_size} data bytes",
-                                 "The file is truncated; download it again")
-        spans.append((begin, end, key))
-    spans.sort()
-    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise ModelFileError(path, f"tensors '{k0}' and '{k1}' overlap in the file", "The file is corrupt; download it again")
-    return header, {str(k): str(v) for k, v in metadata.items()}, data_start
+        if any(dim > TORCH_DIM_MAX for dim in entry.shape):
+            raise ModelFileError(path, f"tensor '{key}' has shape {list(entry.shape)}, a dimension PyTorch cannot hold",
+                                 CORRUPT)
+    return header
+
+
+def open_safetensors_header(path: Path) -> TensorStore:
+    """Names, shapes, dtypes and metadata of a .safetensors file; reading tensor data is refused."""
+    header = read_safetensors_header(path)
+
+    def no_data(key: str) -> torch.Tensor:
+        raise RuntimeError(f"{path}: only the header was opened (reading {key!r} is not allowed here)")
+
+    return _header_store(path, header, no_data)
 
 
 def _open_safetensors(path: Path) -> TensorStore:
-    header, metadata, _ = read_safetensors_header(path)
-    from safetensors import safe_open  # lazy: keep import time small
+    header = read_safetensors_header(path)
+    from safetensors import SafetensorError, safe_open  # lazy: keep import time small
 
-    handle = safe_open(str(path), framework="pt", device="cpu")  # mmap; closed with the store
-    shapes = {k: tuple(e["shape"]) for k, e in header.items()}
-    dtypes = {k: SAFETENSORS_DTYPES[e["dtype"]][0] for k, e in header.items()}
-    return TensorStore(path, shapes, dtypes, handle.get_tensor, metadata=metadata)
+    try:  # the reference reader checks the same rules again; a disagreement is still a named error
+        handle = safe_open(str(path), framework="pt", device="cpu")  # mmap; closed with the store
+    except SafetensorError as e:
+        raise ModelFileError(path, f"safetensors refused it ({str(e)[:200]})", CORRUPT) from None
+    return _header_store(path, header, handle.get_tensor)
+
+
+def _header_store(path: Path, header: Header, reader) -> TensorStore:
+    shapes = {k: e.shape for k, e in header.tensors.items()}
+    dtypes = {k: SAFETENSORS_DTYPES[e.dtype][0] for k, e in header.tensors.items()}
+    return TensorStore(path, shapes, dtypes, reader, metadata=header.metadata)
 
 
 def _open_pickle(path: Path) -> TensorStore:

@@ -31,20 +31,6 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 # ---------------------------------------------------------------- families from file headers
 
-def _header_store(path: Path):
-    """A TensorStore over a safetensors header: names, shapes and metadata; reading data is refused."""
-    from ..runtime.checkpoint import SAFETENSORS_DTYPES, TensorStore, read_safetensors_header
-
-    header, metadata, _ = read_safetensors_header(path)
-
-    def no_data(key: str):
-        raise RuntimeError(f"{path}: only the header was opened (reading {key!r} is not allowed here)")
-
-    shapes = {k: tuple(e["shape"]) for k, e in header.items()}
-    dtypes = {k: SAFETENSORS_DTYPES[e["dtype"]][0] for k, e in header.items()}
-    return TensorStore(path, shapes, dtypes, no_data, metadata=metadata)
-
-
 def _file_key(path: Path) -> Optional[tuple]:
     try:
         stat = path.stat()
@@ -56,12 +42,13 @@ def _file_key(path: Path) -> Optional[tuple]:
 @functools.lru_cache(maxsize=4096)
 def _checkpoint_family(path: str, mtime_ns: int, size: int) -> tuple[Optional[str], Optional[str]]:
     from ..errors import ModelFileError
+    from ..runtime.checkpoint import open_safetensors_header
     from ..runtime.detect import detect_family
 
     if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
         return None, None
     try:
-        return detect_family(_header_store(Path(path))).label, None
+        return detect_family(open_safetensors_header(Path(path))).label, None
     except ModelFileError as exc:
         return None, exc.problem
 
@@ -71,11 +58,12 @@ def _adapter_family(path: str, mtime_ns: int, size: int) -> tuple[Optional[str],
     from ..errors import ModelFileError
     from ..runtime.adapters.apply import guess_family
     from ..runtime.adapters.keys import group_layers
+    from ..runtime.checkpoint import open_safetensors_header
 
     if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
         return None, None
     try:
-        store = _header_store(Path(path))
+        store = open_safetensors_header(Path(path))
     except ModelFileError as exc:
         return None, exc.problem
     groups, _ = group_layers(store.keys())
