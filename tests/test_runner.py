@@ -119,7 +119,7 @@ def test_batch_seeds_and_latent_out(files, tmp_path):
     (["--width", "65"], "--width"),
     (["--sampler", "Heun++"], "Sampler"),
     (["--schedule-type", "Wobbly"], "Schedule type"),
-    (["--adapters", "<lora:missing:1>"], "no file named missing"),
+    (["--adapters", "<lora:missing:1>"], "no file missing{"),
     (["--adapters", "<lora:xl_style:1>"], "SDXL adapter"),
 ])
 def test_user_errors_exit_2_with_one_clear_line(files, tmp_path, capsys, extra, words):

@@ -110,7 +110,7 @@ def infotext_value(key: str, value: str) -> str:
     if "," in value or ":" in value or "\n" in value:
         return value                    # the host JSON-quotes it; that always reads back exactly
     risky = (value == "" or value == key or value != value.strip()
-             or (value[0] == '"' and value[-1] == '"') or any(ord(c) < 32 or ord(c) == 127 for c in value))
+             or value[0] == '"' or any(ord(c) < 32 or ord(c) == 127 for c in value))
     return json.dumps(value, ensure_ascii=False) if risky else value
 
 

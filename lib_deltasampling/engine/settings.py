@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import SettingError
+from ..runtime.names import path_problem
 from .schedule import SHAPES
 
 KINDS = ("bool", "float", "int", "choice", "text", "checkpoint")
@@ -68,7 +69,7 @@ class FieldSpec:
         if self.kind == "bool":
             return "Use true or false"
         if self.kind == "checkpoint":
-            return "Use a checkpoint name or path (empty for none)"
+            return "Use the checkpoint's name as the WebUI lists it (empty for none)"
         return "Use text (empty for the default)"
 
     def _error(self, value: Any, problem: str, source: str) -> SettingError:
@@ -133,16 +134,18 @@ class FieldSpec:
 
 
 def _check_text(spec: FieldSpec, value: str, source: str) -> None:
-    """Text must be storable (UTF-8, no NUL); a checkpoint name has no control characters."""
+    """Text must be storable (UTF-8, no NUL); a checkpoint name is a name, not a path."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise SettingError(spec.subject(source), "contains characters that are not valid Unicode text "
                            "(e.g. bytes from a terminal in another encoding)", "Retype the text") from None
-    bad = [c for c in value if c == "\0" or (spec.kind == "checkpoint" and (ord(c) < 32 or ord(c) == 127))]
-    if bad:
-        raise SettingError(spec.subject(source), f"{value!r} contains the control character {bad[0]!r}",
-                           "Remove it" if spec.kind == "text" else "Use the checkpoint's file name")
+    if spec.kind == "checkpoint":
+        problem = path_problem(value, subfolders=True)  # resolved only through the host's list, never as a path
+        if problem:
+            raise SettingError(spec.subject(source), f"{value!r} {problem}", spec.allowed())
+    elif "\0" in value:
+        raise SettingError(spec.subject(source), f"{value!r} contains the control character '\\x00'", "Remove it")
 
 
 FIELDS: tuple[FieldSpec, ...] = (

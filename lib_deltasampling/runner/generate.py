@@ -33,6 +33,7 @@ from ..runtime.adapters.tags import adapter_requests
 from ..runtime.checkpoint import open_store
 from ..runtime.detect import Family
 from ..runtime.model import Cond, SourceModel, load_model
+from ..runtime.names import find_named_file
 from ..runtime.pair import SourcePair
 from ..runtime.placement import choose_placement
 from ..runtime.text.embeddings import EmbeddingLibrary
@@ -123,18 +124,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def find_adapter(name: str, folders: list[Path]) -> Path:
-    """A `<lora:NAME>` file: NAME as a path, else NAME + a known suffix in the folders (recursively)."""
-    direct = Path(name)
-    if direct.is_file():
-        return direct
-    for folder in folders:
-        for suffix in ADAPTER_SUFFIXES:
-            hits = sorted(folder.rglob(name + suffix)) if folder.is_dir() else []
-            if hits:
-                return hits[0]
-    where = ", ".join(str(f) for f in folders) or "no --lora-dir given"
-    raise UserError(f"adapter <lora:{name}>", f"no file named {name}{{{','.join(ADAPTER_SUFFIXES)}}} was found (looked in: {where})",
-                    "Pass --lora-dir with the folder that holds it, or give the file's path as the name")
+    """The file of `<lora:NAME>`: NAME + a known suffix in the --lora-dir folders (recursively), matched
+    exactly; a name is never a path or a glob, and a file linked from outside the folders is refused."""
+    return find_named_file(name, folders, ADAPTER_SUFFIXES, f"adapter <lora:{name}>",
+                           "Pass --lora-dir with the folder that holds it")
 
 
 @dataclass
@@ -204,6 +197,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     for path in (args.target, args.source, args.adapted, args.vae):
         if path is not None and not path.is_file():
             raise UserError(str(path), "file not found", "Check the path")
+    adapter_files = [(request.name, find_adapter(request.name, args.lora_dir)) for request in requests]
 
     tokenizer = ClipTokenizer.find(args.vocab)
     target = load_model(args.target, prediction=args.prediction, placement=placement, tokenizer=tokenizer,
@@ -215,12 +209,9 @@ def run(args: argparse.Namespace) -> list[Path]:
                           timestep_mode=args.timesteps) if args.adapted else None)
     adapted_model = adapted or source
     adapters = AdapterSet(adapted_model.components(), adapted_model.family, source_name=args.source.name)
-    adapter_files = []
-    for request in requests:
-        path = find_adapter(request.name, args.lora_dir)
+    for request, (_, path) in zip(requests, adapter_files):
         adapters.add(path, name=request.name, unet_multiplier=request.unet_multiplier,
                      te_multiplier=request.te_multiplier)
-        adapter_files.append((request.name, path))
     pair = SourcePair(source, adapters, adapted)
     library = EmbeddingLibrary.for_text_stack(args.embeddings_dir, source.text) if args.embeddings_dir else None
 

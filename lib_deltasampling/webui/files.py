@@ -2,7 +2,8 @@
 
 Checkpoints resolve through the host's own checkpoint list (`sd_models.get_closet_checkpoint_match`);
 adapters through the Lora extension's list when it is loaded, else by name in the LoRA folders.
-A name never becomes a path outside those folders (no traversal).
+A name never becomes a path outside those folders (`runtime.names`: exact names, no globs, no
+traversal, no links out).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..runtime.names import find_named_file
 
 ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
@@ -44,11 +46,6 @@ def _lora_dirs() -> list[Path]:
     return [Path(d) for d in dirs if d]
 
 
-def _inside(path: Path, folders: list[Path]) -> bool:
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(f.resolve()) for f in folders)
-
-
 def folder_loras() -> list[str]:
     """LoRA names found in the LoRA folders (used when the Lora extension's list is not loaded)."""
     names = {p.stem for d in _lora_dirs() if d.is_dir() for s in ADAPTER_SUFFIXES for p in d.rglob("*" + s)}
@@ -72,17 +69,8 @@ def adapter_file(name: str) -> Path:
     entry = host_network(name)
     if entry is not None:
         return Path(entry.filename)
-    folders = _lora_dirs()
-    for folder in folders:
-        for suffix in ADAPTER_SUFFIXES:
-            candidate = folder / (name + suffix)
-            if candidate.is_file() and _inside(candidate, folders):
-                return candidate
-            hits = [p for p in folder.rglob(Path(name).name + suffix) if _inside(p, folders)] if folder.is_dir() else []
-            if hits:
-                return sorted(hits)[0]
-    raise UserError(f"adapter <lora:{name}>", "is not in the WebUI's LoRA list",
-                    "Check the name (the LoRA tab shows them) and refresh the list after adding files")
+    return find_named_file(name, _lora_dirs(), ADAPTER_SUFFIXES, f"adapter <lora:{name}>",
+                           "Check the name (the LoRA tab shows them) and refresh the list after adding files")
 
 
 def embedding_dirs() -> list[Path]:

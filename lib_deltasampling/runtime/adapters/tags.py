@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from ...errors import SettingError
+from ..names import check_name
 from ..text.prompt import ExtraNetworkTag, extract_extra_networks
 
 ADAPTER_NETWORKS = ("lora", "lyco")
@@ -44,7 +45,9 @@ def request_from_tag(tag: ExtraNetworkTag) -> AdapterRequest:
     te = _weight(text, "text encoder", tag.named["te"]) if "te" in tag.named else te
     unet = _weight(text, "UNet", tag.positional[2]) if len(tag.positional) > 2 else te
     unet = _weight(text, "UNet", tag.named["unet"]) if "unet" in tag.named else unet
-    return AdapterRequest(tag.positional[0].strip(), te, unet, text)
+    name = tag.positional[0].strip()
+    check_name(name, f"adapter tag {text}", "Write the LoRA's name as the LoRA tab lists it, without folder")
+    return AdapterRequest(name, te, unet, text)
 
 
 def adapter_requests(text: str) -> tuple[str, list[AdapterRequest]]:
