@@ -195,8 +195,12 @@ def test_more_text_chunks_and_errors(tmp_path: Path):
     with pytest.raises(UserError, match="not valid Unicode"):
         write_png(tmp_path / "y.png", images()[3], "prompt \udce9")      # surrogateescape'd argv byte
     with pytest.raises(UserError, match="cannot be written"):
-        write_png(tmp_path / "missing" / "y.png", images()[3], "p")
+        write_png(tmp_path / "x.png" / "y.png", images()[3], "p")            # a file where a folder must be
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]                 # no partial files left
+    assert write_png(tmp_path / "new" / "sub" / "y.png", images()[3], "p").is_file()  # folders are made
+    (tmp_path / "new" / "sub" / "y.png").unlink()
+    (tmp_path / "new" / "sub").rmdir()
+    (tmp_path / "new").rmdir()
     (tmp_path / "not.png").write_bytes(b"GIF89a")
     with pytest.raises(UserError, match="not a PNG"):
         read_png_text(tmp_path / "not.png")

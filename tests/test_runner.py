@@ -91,7 +91,7 @@ def test_scale_zero_is_exactly_the_target_alone(files, tmp_path):
 
 
 def test_batch_seeds_and_latent_out(files, tmp_path):
-    lat = tmp_path / "lat.safetensors"
+    lat = tmp_path / "latents" / "new" / "lat.safetensors"  # folders that do not exist yet are made
     assert generate(files, tmp_path / "b.png", "--batch", "2", "--sampler", "Euler a", "--latent-out", str(lat),
                     "--adapters", "<lora:moxin:1>") == 0
     first, second = tmp_path / "b-1.png", tmp_path / "b-2.png"
@@ -121,6 +121,7 @@ def test_batch_seeds_and_latent_out(files, tmp_path):
     (["--schedule-type", "Wobbly"], "Schedule type"),
     (["--adapters", "<lora:missing:1>"], "no file missing{"),
     (["--adapters", "<lora:xl_style:1>"], "SDXL adapter"),
+    (["--latent-out", "lat.pt"], "--latent-out: 'lat.pt' is not a .safetensors file name"),
 ])
 def test_user_errors_exit_2_with_one_clear_line(files, tmp_path, capsys, extra, words):
     assert generate(files, tmp_path / "x.png", *extra) == 2

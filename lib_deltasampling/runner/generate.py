@@ -41,6 +41,7 @@ from ..runtime.text.prompt import extract_extra_networks
 from ..runtime.text.tokenizer import ClipTokenizer
 from ..runtime.vae import load_vae_decoder, open_vae, to_uint8_images
 from . import hashcache
+from .outputs import plan_outputs, write_atomic
 from .png import write_png
 from .sampling import (SAMPLERS, SCHEDULES, ImageNoise, fixed_seed, get_sigmas, image_seeds, infotext_schedule,
                        initial_noise_multiplier, latent_shape, parse_sampler)
@@ -81,9 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--width", type=int, default=512)
     gen.add_argument("--height", type=int, default=512)
     gen.add_argument("--batch", type=int, default=1, help="images generated together")
-    gen.add_argument("--out", type=Path, default=Path("delta.png"), help="PNG to write (NAME-1.png ... for a batch)")
+    gen.add_argument("--out", default="delta.png",
+                     help="NAME.png (NAME-1.png ... for a batch), or a folder DIR/ to number new images in "
+                          "as the WebUI does (00012-SEED.png)")
+    gen.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     gen.add_argument("--compare", action="store_true", help="also write NAME-nodelta.png: the target alone")
-    gen.add_argument("--latent-out", type=Path, help="save the final latents as .safetensors")
+    gen.add_argument("--latent-out", help="save the final latents as NAME.safetensors")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ds = parser.add_argument_group("Delta Sampling (the same settings as the WebUI accordion)")
@@ -182,12 +186,6 @@ class Progress:
         print(f"\r{self.label} [{bar:<24}] {done}/{self.total} {rate:.2f} it/s", end=end, file=sys.stderr, flush=True)
 
 
-def _output_paths(out: Path, batch: int, suffix: str = "") -> list[Path]:
-    if batch == 1:
-        return [out.with_name(out.stem + suffix + ".png")]
-    return [out.with_name(f"{out.stem}-{i + 1}{suffix}.png") for i in range(batch)]
-
-
 def run(args: argparse.Namespace) -> list[Path]:
     _check_args(args)
     settings = settings_from_args(args)
@@ -198,6 +196,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         if path is not None and not path.is_file():
             raise UserError(str(path), "file not found", "Check the path")
     adapter_files = [(request.name, find_adapter(request.name, args.lora_dir)) for request in requests]
+    seeds = image_seeds(fixed_seed(args.seed), args.batch)
+    outputs = plan_outputs(args.out, seeds, compare=args.compare, latent_out=args.latent_out,
+                           overwrite=args.overwrite,
+                           inputs=[args.target, args.source, args.adapted, args.vae, *(p for _, p in adapter_files)])
 
     tokenizer = ClipTokenizer.find(args.vocab)
     target = load_model(args.target, prediction=args.prediction, placement=placement, tokenizer=tokenizer,
@@ -215,7 +217,6 @@ def run(args: argparse.Namespace) -> list[Path]:
     pair = SourcePair(source, adapters, adapted)
     library = EmbeddingLibrary.for_text_stack(args.embeddings_dir, source.text) if args.embeddings_dir else None
 
-    seeds = image_seeds(fixed_seed(args.seed), args.batch)
     sigmas = get_sigmas(schedule, args.steps, target.denoiser.schedule, sampler=sampler,
                         sdxl=target.family is Family.SDXL)
     steps = len(sigmas) - 1
@@ -248,17 +249,17 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     latents = generate(True, "delta")
     params = _infotext(args, settings, sampler, schedule, steps, adapter_files)
-    written = _write_images(vae, target, latents, prompts, seeds, params, _output_paths(args.out, args.batch))
+    written = _write_images(vae, target, latents, prompts, seeds, params, outputs.images, outputs.overwrite)
     if args.compare:
         plain = {k: v for k, v in params.items() if not k.startswith("Delta ")}
         written += _write_images(vae, target, generate(False, "target"), prompts, seeds, plain,
-                                 _output_paths(args.out, args.batch, "-nodelta"))
-    if args.latent_out:
-        from safetensors.torch import save_file
-        save_file({"latent": latents.float().cpu().contiguous()}, str(args.latent_out),
-                  metadata={"parameters": format_parameters(prompts.target[0], prompts.target_negative[0],
-                                                            {**params, "Seed": seeds[0]})})
-        written.append(args.latent_out)
+                                 outputs.plain_images, outputs.overwrite)
+    if outputs.latent:
+        from safetensors.torch import save
+        data = save({"latent": latents.float().cpu().contiguous()},
+                    metadata={"parameters": format_parameters(prompts.target[0], prompts.target_negative[0],
+                                                              {**params, "Seed": seeds[0]})})
+        written.append(write_atomic(outputs.latent, data, overwrite=outputs.overwrite))
     return written
 
 
@@ -287,10 +288,9 @@ def _infotext(args, settings: DeltaSettings, sampler, schedule, steps: int, adap
 
 
 def _write_images(vae, target: SourceModel, latents: torch.Tensor, prompts: Prompts, seeds: list[int],
-                  params: dict[str, object], paths: list[Path]) -> list[Path]:
+                  params: dict[str, object], paths: list[Path], overwrite: bool) -> list[Path]:
     images = to_uint8_images(vae.decode(latents, scale=target.latent_scale))
     for i, (image, path) in enumerate(zip(images, paths)):
         text = format_parameters(prompts.target[i], prompts.target_negative[i], {**params, "Seed": seeds[i]})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_png(path, image, text)
+        write_png(path, image, text, overwrite=overwrite)
     return paths

@@ -9,7 +9,6 @@ Paeth) of smallest sum of absolute signed bytes, libpng's heuristic.
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..runtime.pngtext import PNG_SIGNATURE
+from .outputs import write_atomic
 
 _ROWS_PER_BLOCK = 256            # filter this many rows at a time (bounded memory on large images)
 
@@ -84,19 +84,9 @@ def png_bytes(image: np.ndarray, text: Mapping[str, str] | None = None, compress
 
 
 def write_png(path: str | Path, image: np.ndarray, parameters: str | None = None, *,
-              text: Mapping[str, str] | None = None, compress_level: int = 6) -> Path:
+              text: Mapping[str, str] | None = None, compress_level: int = 6, overwrite: bool = True) -> Path:
     """Write `image` ([H, W, 3] uint8) with the A1111 `parameters` chunk (if given) and any other
-    text chunks. The file appears complete or not at all (written beside it, then renamed)."""
-    path = Path(path)
+    text chunks, whole or not at all (`outputs.write_atomic`)."""
     chunks = {"parameters": parameters} if parameters is not None else {}
     chunks.update(text or {})
-    data = png_bytes(image, chunks, compress_level)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise UserError(str(path), f"cannot be written ({e.strerror or e})",
-                        "Choose a folder that exists and that you may write to") from None
-    return path
+    return write_atomic(Path(path), png_bytes(image, chunks, compress_level), overwrite=overwrite)
