@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_deltasampling", description="Delta Sampling tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p_inspect = sub.add_parser("inspect", help="describe checkpoints, adapters (LoRA/LyCORIS) and embeddings")
-    p_inspect.add_argument("files", nargs="+", type=Path)
+    p_inspect.add_argument("files", nargs="+", type=Path, help="checkpoints, adapters or embeddings to describe")
+    from .runner.cli import HelpFormatter, add_arguments  # no torch: --help works before it is installed
     p_generate = sub.add_parser("generate", help="generate images with Delta Sampling (target + source pair)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from .runner.generate import add_arguments  # the flags come from the one settings definition
+                                formatter_class=HelpFormatter)
     add_arguments(p_generate)
     args = parser.parse_args(argv)
     try:

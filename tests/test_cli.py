@@ -59,3 +59,33 @@ def test_inspect_adapters_and_embeddings(tmp_path: Path):
     assert f"unet {n_unet}" in lora and "te2 3" in lora  # te2 prefix -> SDXL, whatever the widths
     assert "name:        myemb" in emb and "vectors:     3" in emb and "SD1.x embedding (width 768)" in emb
     assert "format:      clip_l/clip_g" in xlemb and "an SDXL embedding" in xlemb
+
+
+# Run as a user would before installing the runtime: torch, safetensors and numpy cannot be imported.
+NO_RUNTIME = ("import sys\n"
+              "for name in ('torch', 'safetensors', 'numpy'):\n"
+              "    sys.modules[name] = None\n"
+              "from lib_deltasampling.__main__ import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_help_works_without_torch():
+    for args, words in ((["--help"], "generate"), (["generate", "--help"], "--scale FLOAT"),
+                        (["inspect", "--help"], "checkpoints")):
+        out = subprocess.run([sys.executable, "-c", NO_RUNTIME, *args], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0 and words in out.stdout and "Traceback" not in out.stderr, out.stderr
+
+
+def test_generate_help_states_each_default_once_and_offers_no_hires():
+    out = subprocess.run([sys.executable, "-c", NO_RUNTIME, "generate", "--help"], cwd=ROOT, capture_output=True,
+                         text=True)
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+    assert "Default: 1.0. --start" in text and "Default: empty." in text and "(default: 20)" in text
+    assert "--hires" not in text and "1 to 150" in text and "--overwrite" in text
+
+
+def test_the_runners_sampler_lists_in_help_are_the_ones_it_has():
+    from lib_deltasampling.runner.cli import SAMPLER_NAMES, SCHEDULE_LABELS
+    from lib_deltasampling.runner.sampling import SAMPLERS, SCHEDULES
+    assert tuple(SAMPLERS) == SAMPLER_NAMES and tuple(SCHEDULES) == SCHEDULE_LABELS

@@ -13,6 +13,8 @@ import pytest
 from lib_deltasampling.errors import UserError
 from lib_deltasampling.runtime.text.prompt import (
     MAX_BRACKET_DEPTH,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_CHUNKS,
     ExtraNetworkTag,
     bracket_depth,
     extract_extra_networks,
@@ -314,6 +316,23 @@ def test_deep_nesting_is_a_named_error_not_a_recursion_error():
         prompt_schedules("(" * 10000 + "a", 20)
     deep = "(" * MAX_BRACKET_DEPTH + "a" + ")" * MAX_BRACKET_DEPTH
     assert prompt_schedules(deep, 20) == [(20, deep)]   # the limit itself parses
+
+
+def test_prompt_length_is_bounded_before_parsing(tok):
+    with pytest.raises(UserError, match=r"^prompt: 'aaaa.*' is 40,001 characters long; the limit is 40,000"):
+        prompt_schedules("a" * (MAX_PROMPT_CHARS + 1), 20)
+    with pytest.raises(UserError, match="40,001 characters"):
+        tokenize_prompt("a" * (MAX_PROMPT_CHARS + 1), tok, pad_id=tok.eos_id)
+
+
+def test_prompt_chunks_are_bounded(tok):
+    # BREAK closes a chunk: n BREAKs make n + 1 chunks (A1111 tokenize_line)
+    ok = tokenize_prompt(" BREAK ".join(["a fox"] * MAX_PROMPT_CHUNKS), tok, pad_id=tok.eos_id)
+    assert ok.ids.shape == (MAX_PROMPT_CHUNKS, 77)
+    with pytest.raises(UserError, match=r"more than 32 chunks of 75 tokens; the limit is 2,400 tokens"):
+        tokenize_prompt(" BREAK ".join(["a fox"] * (MAX_PROMPT_CHUNKS + 1)), tok, pad_id=tok.eos_id)
+    with pytest.raises(UserError, match="more than 32 chunks"):
+        tokenize_prompt("fox " * (75 * MAX_PROMPT_CHUNKS + 1), tok, pad_id=tok.eos_id)
 
 
 @pytest.mark.parametrize("text, words", [

@@ -96,6 +96,7 @@ def test_batch_seeds_and_latent_out(files, tmp_path):
                     "--adapters", "<lora:moxin:1>") == 0
     first, second = tmp_path / "b-1.png", tmp_path / "b-2.png"
     assert "Seed: 7," in Image.open(first).info["parameters"] and "Seed: 8," in Image.open(second).info["parameters"]
+    assert "Delta hires" not in Image.open(first).info["parameters"]  # the runner has no hires pass
     assert not np.array_equal(pixels(first), pixels(second))
     latent = load_file(str(lat))["latent"]
     assert latent.shape == (2, 4, 8, 8) and torch.isfinite(latent).all()

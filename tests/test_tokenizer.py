@@ -259,16 +259,22 @@ def no_packages(monkeypatch):
     monkeypatch.setattr(tk, "_package_dir", lambda name: None)
 
 
-def test_find_vocab_reports_every_place(tmp_path, no_packages):
+def test_find_vocab_names_the_places_in_a_few_lines(tmp_path, no_packages):
     env = {"HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hfhome")}
     with pytest.raises(UserError) as err:
         find_vocab(env=env, webui_root=tmp_path / "webui")
     message = str(err.value)
-    assert tk.VOCAB_ENV in message and "settings" in message
-    assert str(tmp_path / "hfhome" / "hub" / "models--openai--clip-vit-large-patch14") in message
-    assert str(tmp_path / "home" / ".cache" / "huggingface" / "hub") in message
-    assert str(tmp_path / "webui" / "backend" / "huggingface") in message
+    assert tk.VOCAB_ENV in message and "Delta Sampling's settings" in message and len(message) < 600
+    assert str(tmp_path / "hfhome" / "hub") in message and str(tmp_path / "webui") in message
     assert "open_clip" in message and "pip install open_clip_torch" in message
+    looked = "\n".join(err.value.looked)  # the full list, for a log
+    assert str(tmp_path / "hfhome" / "hub" / "models--openai--clip-vit-large-patch14") in looked
+    assert str(tmp_path / "home" / ".cache" / "huggingface" / "hub") in looked
+    assert str(tmp_path / "webui" / "backend" / "huggingface") in looked
+    # from the command line the fix names the flag, not a WebUI settings screen
+    with pytest.raises(UserError) as err:
+        find_vocab(env=env, configure="--vocab")
+    assert "Point --vocab" in str(err.value) and "settings" not in str(err.value) and "WebUI" not in str(err.value)
 
 
 def test_find_vocab_configured_paths(tmp_path, gz_path, hf_dir, no_packages):

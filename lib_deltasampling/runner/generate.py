@@ -26,7 +26,7 @@ import torch
 from .. import __version__
 from ..engine.infotext import ADAPTER_HASHES, ADAPTED_HASH, SOURCE_HASH, format_parameters, settings_to_infotext
 from ..engine.sampler import DeltaSampler
-from ..engine.settings import FIELDS, DeltaSettings
+from ..engine.settings import DeltaSettings, field
 from ..errors import SettingError, UserError
 from ..runtime.adapters.apply import AdapterSet
 from ..runtime.adapters.tags import adapter_requests
@@ -37,82 +37,15 @@ from ..runtime.names import find_named_file
 from ..runtime.pair import SourcePair
 from ..runtime.placement import choose_placement
 from ..runtime.text.embeddings import EmbeddingLibrary
-from ..runtime.text.prompt import extract_extra_networks
+from ..runtime.text.prompt import check_prompt, extract_extra_networks
 from ..runtime.text.tokenizer import ClipTokenizer
 from ..runtime.vae import load_vae_decoder, open_vae, to_uint8_images
 from . import hashcache
+from .cli import ADAPTER_SUFFIXES, MAX_BATCH, MAX_CFG, MAX_SIZE, MAX_STEPS, settings_from_args
 from .outputs import plan_outputs, write_atomic
 from .png import write_png
-from .sampling import (SAMPLERS, SCHEDULES, ImageNoise, fixed_seed, get_sigmas, image_seeds, infotext_schedule,
+from .sampling import (ImageNoise, fixed_seed, get_sigmas, image_seeds, infotext_schedule,
                        initial_noise_multiplier, latent_shape, parse_sampler)
-
-ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
-# Settings given by their own flags (paths) or implied by running `generate`.
-_NOT_FLAGS = {"enabled", "source_checkpoint", "adapted_checkpoint"}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    models = parser.add_argument_group("models")
-    models.add_argument("--target", type=Path, required=True, help="the model you generate with (SD1.x, SD2.x, SDXL)")
-    models.add_argument("--source", type=Path, required=True, help="the source base checkpoint the adaptation was made for")
-    models.add_argument("--adapted", type=Path, help="an adapted (fine-tuned) checkpoint of the source's family")
-    models.add_argument("--vae", type=Path, help="VAE file for decoding (default: the target checkpoint's own)")
-    models.add_argument("--lora-dir", type=Path, action="append", default=[], help="folder to find <lora:NAME> files in")
-    models.add_argument("--embeddings-dir", type=Path, action="append", default=[], help="textual-inversion folder")
-    models.add_argument("--prediction", default="auto", help="target prediction type: auto, eps or v")
-    models.add_argument("--source-prediction", default="auto", help="source prediction type: auto, eps or v")
-    models.add_argument("--vocab", type=Path, action="append", default=[], help="CLIP vocabulary file or folder")
-    models.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    models.add_argument("--dtype", default="auto", help="auto, fp16, bf16 or fp32")
-
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--prompt", default="", help="the prompt (extra-network tags are removed)")
-    gen.add_argument("--negative", default="", help="the negative prompt")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=float, default=7.0, help="CFG scale of the target (and of the source unless set)")
-    gen.add_argument("--sampler", default="Euler", help=f"one of: {', '.join(SAMPLERS)}")
-    gen.add_argument("--schedule-type", default="Automatic", help=f"one of: {', '.join(SCHEDULES)}")
-    gen.add_argument("--timesteps", default="interpolate", choices=("interpolate", "nearest"),
-                     help="sigma -> timestep: interpolate (A1111) or nearest (Forge, ComfyUI)")
-    gen.add_argument("--seed", type=int, default=-1, help="-1: random")
-    gen.add_argument("--width", type=int, default=512)
-    gen.add_argument("--height", type=int, default=512)
-    gen.add_argument("--batch", type=int, default=1, help="images generated together")
-    gen.add_argument("--out", default="delta.png",
-                     help="NAME.png (NAME-1.png ... for a batch), or a folder DIR/ to number new images in "
-                          "as the WebUI does (00012-SEED.png)")
-    gen.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
-    gen.add_argument("--compare", action="store_true", help="also write NAME-nodelta.png: the target alone")
-    gen.add_argument("--latent-out", help="save the final latents as NAME.safetensors")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    ds = parser.add_argument_group("Delta Sampling (the same settings as the WebUI accordion)")
-    for spec in FIELDS:
-        if spec.name in _NOT_FLAGS:
-            continue
-        extra = f" (one of: {', '.join(spec.choices)})" if spec.kind == "choice" else ""
-        ds.add_argument(_flag(spec.name), dest=f"ds_{spec.name}", default=None, metavar=spec.kind.upper(),
-                        help=f"{spec.tooltip} Default: {spec.format(spec.default)}{extra}")
-
-
-def settings_from_args(args: argparse.Namespace) -> DeltaSettings:
-    values: dict[str, object] = {"enabled": True, "source_checkpoint": args.source.name,
-                                 "adapted_checkpoint": args.adapted.name if args.adapted else ""}
-    for spec in FIELDS:
-        raw = getattr(args, f"ds_{spec.name}", None)
-        if raw is not None:
-            values[spec.name] = spec.parse(raw, source="command-line")
-    return DeltaSettings.from_dict(values, source="command-line")
-
-
-# A1111's own UI limits (modules/ui.py sliders: steps 1-150, batch size 1-8, width/height 64-2048,
-# CFG 1-30), checked before anything loads: a typo must not run for hours or allocate gigabytes
-MAX_STEPS, MAX_BATCH, MAX_SIZE, MAX_CFG = 150, 8, 2048, 30.0
-
 
 def _check_args(args: argparse.Namespace) -> None:
     for name, value, high in (("--steps", args.steps, MAX_STEPS), ("--batch", args.batch, MAX_BATCH)):
@@ -189,6 +122,8 @@ class Progress:
 def run(args: argparse.Namespace) -> list[Path]:
     _check_args(args)
     settings = settings_from_args(args)
+    for text in (args.prompt, args.negative, settings.source_prompt, settings.source_negative, settings.adapters):
+        check_prompt(text)
     prompts, requests = build_prompts(settings, args.prompt, args.negative, args.batch)
     sampler, schedule = parse_sampler(args.sampler, args.schedule_type)
     placement = choose_placement(args.device, args.dtype)
@@ -201,7 +136,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                            overwrite=args.overwrite,
                            inputs=[args.target, args.source, args.adapted, args.vae, *(p for _, p in adapter_files)])
 
-    tokenizer = ClipTokenizer.find(args.vocab)
+    tokenizer = ClipTokenizer.find(args.vocab, configure="--vocab")
     target = load_model(args.target, prediction=args.prediction, placement=placement, tokenizer=tokenizer,
                         timestep_mode=args.timesteps)
     vae = load_vae_decoder(open_vae(args.vae) if args.vae else open_store(args.target), placement.device)
@@ -283,6 +218,7 @@ def _infotext(args, settings: DeltaSettings, sampler, schedule, steps: int, adap
     if args.vae:
         params.update({"VAE hash": _short(args.vae), "VAE": args.vae.name})
     params.update(settings_to_infotext(settings, extra=extra))
+    params.pop(field("hires").infotext, None)  # the runner has no hires pass: claim nothing about one
     params["Version"] = f"lib_deltasampling {__version__}"
     return params
 

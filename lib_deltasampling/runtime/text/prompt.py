@@ -45,6 +45,10 @@ BREAK_WEIGHT = -1.0  # marker weight of a BREAK piece (only a bare BREAK outside
 
 
 MAX_BRACKET_DEPTH = 100  # nesting of ( and [ a prompt may have (the schedule parser recurses per level)
+# Bounds on work and memory no real prompt meets (a long one is 5-8 chunks): characters before any
+# parsing, and 75-token chunks (each is a text-encoder pass and 77 rows of cross-attention context).
+MAX_PROMPT_CHARS = 40_000
+MAX_PROMPT_CHUNKS = 32
 
 
 def _weight_value(text: str, prompt: str) -> float:
@@ -76,7 +80,11 @@ def bracket_depth(prompt: str) -> int:
     return deepest
 
 
-def check_bracket_depth(prompt: str) -> None:
+def check_prompt(prompt: str) -> None:
+    """Length and bracket nesting within bounds, before any parser runs; a named error otherwise."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError("prompt", f"'{prompt[:40]}...' is {len(prompt):,} characters long; the limit is "
+                        f"{MAX_PROMPT_CHARS:,}", "Shorten the prompt")
     depth = bracket_depth(prompt)
     if depth > MAX_BRACKET_DEPTH:
         raise UserError("prompt", f"brackets nest {depth} levels deep in '{prompt[:40]}...'; the limit is "
@@ -197,6 +205,7 @@ def tokenize_prompt(text: str, tokenizer: ClipTokenizer, *, pad_id: int,
     OpenCLIP). `embeddings`: textual-inversion name (as typed) -> number of vectors.
     `comma_padding_backtrack`: A1111's "Prompt word wrap length limit" (0 disables).
     """
+    check_prompt(text)
     eos = tokenizer.eos_id
     lookup = _embedding_lookup(embeddings, tokenizer)
     chunks: list[_Chunk] = []
@@ -205,6 +214,10 @@ def tokenize_prompt(text: str, tokenizer: ClipTokenizer, *, pad_id: int,
 
     def close_chunk() -> None:
         nonlocal chunk, last_comma
+        if len(chunks) == MAX_PROMPT_CHUNKS:
+            raise UserError("prompt", f"'{text[:40]}...' needs more than {MAX_PROMPT_CHUNKS} chunks of "
+                            f"{CHUNK_TOKENS} tokens; the limit is {MAX_PROMPT_CHUNKS * CHUNK_TOKENS:,} tokens",
+                            "Shorten the prompt or use fewer BREAKs")
         fill = CHUNK_TOKENS - len(chunk.tokens)
         chunk.tokens += [eos] * fill
         chunk.weights += [1.0] * fill
@@ -471,7 +484,7 @@ def prompt_schedules(prompt: str, steps: int, *, hires_steps: int | None = None,
     the hires steps). use_old_scheduling: A1111's "Use old prompt editing timelines"
     (default False). A prompt the grammar rejects (e.g. a '|' outside [a|b]) is used as is.
     """
-    check_bracket_depth(prompt)  # before the recursive parser
+    check_prompt(prompt)  # before the recursive parser
     if hires_steps is None or use_old_scheduling:
         int_offset, frac_offset, total = 0, 0.0, steps
     else:

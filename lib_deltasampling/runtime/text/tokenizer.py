@@ -349,14 +349,18 @@ def _package_dir(name: str) -> Path | None:
     return Path(locations[0]) if locations else None
 
 
+SETTINGS_PLACE = "the CLIP vocabulary path in Delta Sampling's settings"
+
+
 def find_vocab(extra_paths: Sequence[Path | str] = (), env: Mapping[str, str] = os.environ, *,
-               webui_root: Path | str | None = None) -> VocabSource:
+               webui_root: Path | str | None = None, configure: str = SETTINGS_PLACE) -> VocabSource:
     """Find CLIP's vocabulary on disk. Looks, in order, at: `extra_paths` (settings),
     $DELTA_SAMPLING_CLIP_VOCAB, the Hugging Face hub cache, Forge/reForge folders under
     `webui_root`, installed open_clip / OpenAI clip packages. A configured path that is
-    unusable is an error (not skipped); nothing found is an error listing every place."""
-    fix = (f"Set the CLIP vocabulary path in the Delta Sampling settings or the environment variable {VOCAB_ENV} "
-           f"to open_clip's {MERGES_GZ_NAME} or to a CLIP tokenizer folder (vocab.json + merges.txt)")
+    unusable is an error (not skipped); nothing found is an error naming the kinds of places (the
+    full list in its `looked`). `configure`: where the user sets the path (a setting, a flag)."""
+    fix = (f"Point {configure} (or ${VOCAB_ENV}) at open_clip's {MERGES_GZ_NAME} or at a CLIP tokenizer "
+           "folder (vocab.json + merges.txt)")
     configured = [(Path(str(p).strip()).expanduser(), "configured path") for p in extra_paths if str(p).strip()]
     if env.get(VOCAB_ENV, "").strip():
         configured.append((Path(env[VOCAB_ENV].strip()).expanduser(), f"${VOCAB_ENV}"))
@@ -391,9 +395,13 @@ def find_vocab(extra_paths: Sequence[Path | str] = (), env: Mapping[str, str] = 
         looked.append(f"installed package '{name}'" + (f" ({pkg})" if pkg else " (not installed)"))
         if pkg is not None and (pkg / MERGES_GZ_NAME).is_file():
             return VocabSource("merges_gz", pkg / MERGES_GZ_NAME, f"package {name}")
-    raise UserError("CLIP tokenizer vocabulary",
-                    "not found; looked in: " + "; ".join(looked),
-                    fix + ", or install open_clip_torch (pip install open_clip_torch) which ships it")
+    hubs = str(hf_hub_dirs(env)[0])  # the most specific; all of them are in `looked`
+    webui = f", the WebUI's model folders under {webui_root}" if webui_root is not None else ""
+    error = UserError("CLIP tokenizer vocabulary",
+                      f"not found in the Hugging Face cache ({hubs}){webui} or the open_clip and clip packages",
+                      fix + "; or pip install open_clip_torch, which ships it")
+    error.looked = looked  # every place, for a log
+    raise error
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,8 +439,10 @@ class ClipTokenizer:
 
     @classmethod
     def find(cls, extra_paths: Sequence[Path | str] = (), env: Mapping[str, str] = os.environ, *,
-             webui_root: Path | str | None = None, html_unescape: bool = False) -> "ClipTokenizer":
-        return cls(find_vocab(extra_paths, env, webui_root=webui_root), html_unescape=html_unescape)
+             webui_root: Path | str | None = None, html_unescape: bool = False,
+             configure: str = SETTINGS_PLACE) -> "ClipTokenizer":
+        return cls(find_vocab(extra_paths, env, webui_root=webui_root, configure=configure),
+                   html_unescape=html_unescape)
 
     def token_id(self, token: str) -> int:
         """Id of one vocabulary entry, e.g. ',</w>'."""
