@@ -79,6 +79,8 @@ ROWS = [
     ("prompt of 50,000 characters", ["--prompt", "a" * 50_000], "50,000 characters long; the limit is 40,000"),
     ("10,000 nested brackets", ["--prompt", "(" * 10_000 + "fox"], "brackets nest 10000 levels deep"),
     ("prompt of 40 chunks", ["--prompt", " BREAK ".join(["fox"] * 40)], "more than 32 chunks"),
+    ("prompt not Unicode", ["--prompt", "a fox \udce9"], "prompt: holds characters that are not valid Unicode"),
+    ("prompt edit step beyond float", ["--prompt", "[cat:dog:1e400]"], "'1e400' of a [from:to:step] edit"),
     ("emphasis beyond float", ["--prompt", "a (fox:" + "9" * 400 + ")"], "not a finite number"),
     ("emphasis product inf", ["--source-prompt", "(" * 99 + "fox:" + "9" * 308 + ")" * 100], "multiplies to inf"),
     # Delta Sampling settings (the one settings definition)
@@ -97,6 +99,8 @@ ROWS = [
     ("LoRA missing", ["--adapters", "<lora:ghost:1>"], "no file ghost{"),
     ("LoRA for another family", ["--adapters", "<lora:xl_style:1>"], "SDXL adapter"),
     # outputs
+    ("out empty", ["--out", ""], "--out: is empty"),
+    ("latent out empty", ["--latent-out", ""], "not a .safetensors file name"),
     ("out not png", ["--out", "{tmp}/fox.jpg"], "neither a .png file nor a folder"),
     ("out exists", ["--out", "{tmp}/exists.png"], "already exists. Pass --overwrite"),
     ("out under a file", ["--out", "{tmp}/exists.png/x.png"], "is a file"),
@@ -105,6 +109,9 @@ ROWS = [
     ("latent out is the source", ["--latent-out", "{source}", "--overwrite"], "is one of the input files"),
     # files
     ("target missing", ["--target", "{tmp}/missing.safetensors"], "missing.safetensors: file not found"),
+    ("target is a folder", ["--target", "{tmp}"], "is a folder, not a model file"),
+    ("LoRA folder missing", ["--lora-dir", "{tmp}/no-loras"], "--lora-dir: "),
+    ("embeddings folder missing", ["--embeddings-dir", "{tmp}/no-embeddings"], "is not a folder"),
     ("target empty", ["--target", "{bad:empty}"], "the file is empty"),
     ("target truncated", ["--target", "{bad:truncated}"], "truncated"),
     ("header key repeated", ["--target", "{bad:repeated-key}"], "gap of 1 byte"),

@@ -135,4 +135,4 @@ def test_missing_file_as_a_user_runs_it(files, tmp_path):
     out = subprocess.run([sys.executable, "-m", "lib_deltasampling", "generate", "--target", str(tmp_path / "no.safetensors"),
                           "--source", str(files["source"]), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"error: {tmp_path / 'no.safetensors'}: file not found. Check the path"]
+    assert out.stderr.strip().splitlines() == [f"error: {tmp_path / 'no.safetensors'}: file not found. Give --target the path of a model file"]

@@ -127,9 +127,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     prompts, requests = build_prompts(settings, args.prompt, args.negative, args.batch)
     sampler, schedule = parse_sampler(args.sampler, args.schedule_type)
     placement = choose_placement(args.device, args.dtype)
-    for path in (args.target, args.source, args.adapted, args.vae):
+    for flag, path in (("--target", args.target), ("--source", args.source), ("--adapted", args.adapted),
+                       ("--vae", args.vae)):
         if path is not None and not path.is_file():
-            raise UserError(str(path), "file not found", "Check the path")
+            problem = "is a folder, not a model file" if path.is_dir() else "file not found"
+            raise UserError(str(path), problem, f"Give {flag} the path of a model file")
+    for flag, folders in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        for folder in folders:
+            if not folder.is_dir():
+                raise SettingError(flag, f"{folder} is not a folder", "Give the folder that holds the files")
     adapter_files = [(request.name, find_adapter(request.name, args.lora_dir)) for request in requests]
     seeds = image_seeds(fixed_seed(args.seed), args.batch)
     outputs = plan_outputs(args.out, seeds, compare=args.compare, latent_out=args.latent_out,

@@ -31,9 +31,11 @@ class OutputPlan:
 def plan_outputs(out: str, seeds: Sequence[int], *, compare: bool, latent_out: str | None, overwrite: bool,
                  inputs: Sequence[Path]) -> OutputPlan:
     """The files a run will write, or a SettingError naming the flag, before anything is loaded."""
+    if not out.strip():
+        raise SettingError("--out", "is empty", "Name the image file (NAME.png) or a folder (DIR/)")
     images, plain = _image_paths(out, seeds, compare)
     latent = None
-    if latent_out:
+    if latent_out is not None:
         latent = Path(latent_out)
         if latent.suffix.lower() != ".safetensors" or latent_out.endswith(("/", os.sep)):
             raise SettingError("--latent-out", f"'{latent_out}' is not a .safetensors file name",

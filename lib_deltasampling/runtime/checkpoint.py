@@ -143,6 +143,8 @@ def open_store(path: str | Path) -> TensorStore:
     """Open a model file as a `TensorStore`, refusing anything that is not plain tensors."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise ModelFileError(path, "is a folder, not a model file", "Choose the model file inside it")
         raise ModelFileError(path, "file not found", "Check the name and that the file is in the model folder")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:

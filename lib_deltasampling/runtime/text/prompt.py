@@ -81,7 +81,13 @@ def bracket_depth(prompt: str) -> int:
 
 
 def check_prompt(prompt: str) -> None:
-    """Length and bracket nesting within bounds, before any parser runs; a named error otherwise."""
+    """Unicode text, length and bracket nesting within bounds, before any parser runs; a named
+    error otherwise."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("prompt", "holds characters that are not valid Unicode text (e.g. bytes from a terminal "
+                        "in another encoding)", "Retype the prompt") from None
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError("prompt", f"'{prompt[:40]}...' is {len(prompt):,} characters long; the limit is "
                         f"{MAX_PROMPT_CHARS:,}", "Shorten the prompt")
@@ -500,6 +506,9 @@ def prompt_schedules(prompt: str, steps: int, *, hires_steps: int | None = None,
             boundaries.update(range(1, total + 1))
             continue
         v = float(node.number)
+        if not math.isfinite(v):  # A1111 raises OverflowError in int(); named here
+            raise UserError("prompt", f"the step {node.number!r} of a [from:to:step] edit in '{prompt[:40]}' is not "
+                            "a finite number", "Write the step as a step number or a fraction such as 0.5")
         if use_old_scheduling:
             v = v * total if v < 1 else v
         elif "." in node.number:
