@@ -60,6 +60,18 @@ def _check_args(args: argparse.Namespace) -> None:
     image_seeds(0 if args.seed == -1 else args.seed, args.batch)  # raises for seeds torch cannot take
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    for flag, path in (("--target", args.target), ("--source", args.source), ("--adapted", args.adapted),
+                       ("--vae", args.vae)):
+        if path is not None and not path.is_file():
+            problem = "is a folder, not a model file" if path.is_dir() else "file not found"
+            raise UserError(str(path), problem, f"Give {flag} the path of a model file")
+    for flag, folders in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        for folder in folders:
+            if not folder.is_dir():
+                raise SettingError(flag, f"{folder} is not a folder", "Give the folder that holds the files")
+
+
 def find_adapter(name: str, folders: list[Path]) -> Path:
     """The file of `<lora:NAME>`: NAME + a known suffix in the --lora-dir folders (recursively), matched
     exactly; a name is never a path or a glob, and a file linked from outside the folders is refused."""
@@ -127,15 +139,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     prompts, requests = build_prompts(settings, args.prompt, args.negative, args.batch)
     sampler, schedule = parse_sampler(args.sampler, args.schedule_type)
     placement = choose_placement(args.device, args.dtype)
-    for flag, path in (("--target", args.target), ("--source", args.source), ("--adapted", args.adapted),
-                       ("--vae", args.vae)):
-        if path is not None and not path.is_file():
-            problem = "is a folder, not a model file" if path.is_dir() else "file not found"
-            raise UserError(str(path), problem, f"Give {flag} the path of a model file")
-    for flag, folders in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
-        for folder in folders:
-            if not folder.is_dir():
-                raise SettingError(flag, f"{folder} is not a folder", "Give the folder that holds the files")
+    _check_paths(args)
     adapter_files = [(request.name, find_adapter(request.name, args.lora_dir)) for request in requests]
     seeds = image_seeds(fixed_seed(args.seed), args.batch)
     outputs = plan_outputs(args.out, seeds, compare=args.compare, latent_out=args.latent_out,

@@ -120,7 +120,12 @@ BAD_ARGUMENTS = [
     (ds(scale="lots"), ["scale", "number"]),
     (ds(scale=1e9), ["scale"]),
     (ds(schedul="linear"), ["schedul"]),
-    (ds(source_checkpoint="../../etc/passwd"), ["passwd"]),
+    (ds(source_checkpoint="../../etc/passwd"), ["passwd", "contains '..'"]),
+    # names are never paths or globs (tests/test_names.py has every entry point on the stand-in)
+    (ds(adapters="<lora:../Lora/x:1>"), ["contains '..'", "not a path"]),
+    (ds(adapters="<lora:/etc/passwd:1>"), ["absolute path"]),
+    (ds(adapters="<lora:*:1>"), ["<lora:*>"]),
+    (ds(adapters="<lora:a\0b:1>"), ["control character"]),
 ]
 
 
