@@ -3,12 +3,14 @@
     python bench/bench_engine.py --out results.json           # CUDA, fp16, full-size random-weight models
     python bench/bench_engine.py --tiny --out tiny.json       # CPU smoke run
 
-Cases (issue 4), 20 Euler steps, image batch 1, CFG on both sides:
+Cases (issues 4 and 11), 20 Euler steps, image batch 1, CFG on both sides:
   (a) SD1.5-architecture target at 512x512, SD1.5 source + rank-32 LoRA (one fused batch-4 source forward)
   (b) SDXL target at 1024x1024, SD1.5 source, source resolution `target` and `native`
 Per step: target-only time, Delta Sampling time, and the ideal = target CFG forward + source forward,
 each timed standalone with the same shapes. Overhead = DS / ideal - 1 (goal <= 5%). Peak VRAM of DS
-over the target alone (goal at 512: <= source weights + 1 GB). Conditioning is random (text encoders are
+over the target alone (goal at 512: <= source weights + 1 GB). The Delta Sampling step runs eagerly and
+as a CUDA graph (issue 11), side by side; the source forward's TFLOP/s is FlopCounterMode's count over
+the graph replay's time. The target runs eagerly at batch 2, as the WebUIs run it. Conditioning is random (text encoders are
 not part of the step); everything else is the real engine path (DeltaSampler, SourcePair, adapters).
 """
 
@@ -34,6 +36,7 @@ from lib_deltasampling.runtime.adapters.apply import AdapterSet  # noqa: E402
 from lib_deltasampling.runtime.checkpoint import TensorStore  # noqa: E402
 from lib_deltasampling.runtime.denoiser import Denoiser, DiscreteSchedule, Prediction  # noqa: E402
 from lib_deltasampling.runtime.detect import Family, ModelInfo  # noqa: E402
+from lib_deltasampling.runtime.graphs import GraphedCall  # noqa: E402
 from lib_deltasampling.runtime.model import SourceModel  # noqa: E402
 from lib_deltasampling.runtime.pair import PairConditioning, SourcePair  # noqa: E402
 from lib_deltasampling.runtime.placement import Placement  # noqa: E402
@@ -100,9 +103,11 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
     src = random_cond(source, 4, g)
     conds = PairConditioning({k: v[:2] for k, v in src.items()}, {k: v[2:] for k, v in src.items()}, 2, 2, 1, src)
     source_latent = native_latent_size(*latent, NATIVE_PIXELS["sd1"]) if resolution == "native" else latent
-    sampler = DeltaSampler(pair, [Segment(steps, conds)], params, steps=steps, cfg_scale=7.0,
-                           target_scale=target.latent_scale, noise=noise, noise_multiplier=sigmas[0].item(),
-                           sigma0=sigmas[0].item(), source_size=source_latent)
+    samplers = {graphed: DeltaSampler(pair, [Segment(steps, conds)], params, steps=steps, cfg_scale=7.0,
+                                      target_scale=target.latent_scale, noise=noise,
+                                      noise_multiplier=sigmas[0].item(), sigma0=sigmas[0].item(),
+                                      source_size=source_latent, cuda_graphs=graphed)
+                for graphed in (False, True)}
     sig = [sigmas[i:i + 1] for i in range(steps + 1)]  # per-step views made once: no host work in the loop
 
     def target_denoised(x, i):
@@ -110,35 +115,55 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
         u, c = both.chunk(2)
         return u + 7.0 * (c - u)
 
-    def loop(with_delta: bool):
+    def loop(sampler: DeltaSampler | None):
         x = noise * sigmas[0]
         for i in range(steps):
             d = target_denoised(x, i)
-            if with_delta:
-                d = sampler(x, sig[i], i, steps, d)
+            if sampler is not None:
+                d = sampler(x, sig[i], i, steps, d)  # as the WebUI hooks call it, once per step
             x = x + (x - d) / sig[i] * (sig[i + 1] - sig[i])  # Euler
         return x
 
     xs = torch.randn(1, 4, *source_latent, generator=g, device=p.device)
-    with torch.inference_mode(), sampler.running():
-        loop(True)  # warm-up
-        loop(False)
-        t_target = time_ms(lambda: loop(False), repeats, cuda) / steps
-        t_ds = time_ms(lambda: loop(True), repeats, cuda) / steps
+    source_graph = GraphedCall(pair.denoise, name="bench source forward", enabled=cuda)
+    with torch.inference_mode(), pair.running():
+        for sampler in (None, *samplers.values()):
+            loop(sampler)  # warm-up (and the graph's capture)
+        t_target = time_ms(lambda: loop(None), repeats, cuda) / steps
+        t_eager = time_ms(lambda: loop(samplers[False]), repeats, cuda) / steps
+        t_graphs = time_ms(lambda: loop(samplers[True]), repeats, cuda) / steps
         f_target = time_ms(lambda: target_denoised(noise, 0), repeats * 5, cuda)
         f_source = time_ms(lambda: pair.denoise(xs, sig[0], conds), repeats * 5, cuda)
-        peak_target = peak_of(lambda: loop(False), cuda)
-        peak_ds = peak_of(lambda: loop(True), cuda)
+        for _ in range(2):
+            source_graph(xs, sig[0], conds)
+        f_source_graph = time_ms(lambda: source_graph(xs, sig[0], conds), repeats * 5, cuda)
+        flops = source_flops(pair, xs, sig[0], conds)
+        peak_target = peak_of(lambda: loop(None), cuda)
+        peak_eager = peak_of(lambda: loop(samplers[False]), cuda)
+        peak_graphs = peak_of(lambda: loop(samplers[True]), cuda)
     ideal = f_target + f_source
     source_weights = sum(t.numel() * t.element_size() for t in source.unet.parameters()) / 2**30
+    # the source stays resident during the target-only loop too, so the increase over a target
+    # running alone is the activation difference plus the source's weights
     return {"case": name, "latent": f"{latent[0]}x{latent[1]}", "source_latent": f"{source_latent[0]}x{source_latent[1]}",
-            "target_only_ms_per_step": t_target, "ds_ms_per_step": t_ds, "ratio_ds_over_target": t_ds / t_target,
-            "target_forward_ms": f_target, "source_forward_ms": f_source, "ideal_ms_per_step": ideal,
-            "overhead_vs_ideal": t_ds / ideal - 1, "peak_target_only_gib": peak_target, "peak_ds_gib": peak_ds,
+            "target_only_ms_per_step": t_target, "ds_eager_ms_per_step": t_eager, "ds_graphs_ms_per_step": t_graphs,
+            "ratio_eager": t_eager / t_target, "ratio_graphs": t_graphs / t_target,
+            "target_forward_ms": f_target, "source_forward_ms": f_source, "source_forward_graph_ms": f_source_graph,
+            "source_forward_tflop": flops / 1e12, "source_graph_tflops_per_s": flops / 1e12 / (f_source_graph / 1e3),
+            "ideal_ms_per_step": ideal, "overhead_vs_ideal": t_eager / ideal - 1,
+            "peak_target_only_gib": peak_target, "peak_ds_eager_gib": peak_eager, "peak_ds_graphs_gib": peak_graphs,
             "source_unet_weights_gib": source_weights,
-            # the source stays resident during the target-only loop too, so the increase over a target
-            # running alone is the activation difference plus the source's weights
-            "vram_increase_vs_target_alone_gib": peak_ds - peak_target + source_weights}
+            "vram_increase_eager_gib": peak_eager - peak_target + source_weights,
+            "vram_increase_graphs_gib": peak_graphs - peak_target + source_weights}
+
+
+def source_flops(pair: SourcePair, x: torch.Tensor, sigma: torch.Tensor, conds: PairConditioning) -> float:
+    """FLOPs of one source forward as torch's FlopCounterMode counts them (matmuls, convolutions, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        pair.denoise(x, sigma, conds)
+    return float(counter.get_total_flops())
 
 
 def main() -> None:

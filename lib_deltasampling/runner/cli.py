@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(found by itself when open_clip_torch is installed)")
     models.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     models.add_argument("--dtype", default="auto", help="auto, fp16, bf16 or fp32")
+    models.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="run the source's step eagerly (on NVIDIA GPUs it is replayed as a CUDA graph)")
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompt", default="", help="the prompt (extra-network tags are removed)")

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                 cfg_scale=args.cfg, target_scale=target.latent_scale, noise=noise, noise_multiplier=c0,
                 sigma0=float(sigmas[0]),
                 embeddings=library.for_prompt(prompts.base) if library else {},
-                adapted_embeddings=library.for_prompt(prompts.adapted) if library else {})
+                adapted_embeddings=library.for_prompt(prompts.adapted) if library else {},
+                cuda_graphs=args.cuda_graphs)
 
         def model(x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
             both = target.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), cfg_cond)

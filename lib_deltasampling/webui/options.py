@@ -31,6 +31,7 @@ class WebuiOptions:
     free_on_checkpoint_change: bool = False     # free them when the WebUI's checkpoint changes
     vocab_path: str = ""                        # CLIP vocabulary file/folder; empty: search
     log_level: str = "INFO"                     # INFO: one line per generation that ran the delta
+    cuda_graphs: bool = True                    # replay the source's step as a CUDA graph (NVIDIA GPUs)
 
     def placement(self):
         """Device and dtype of the source models (runtime/placement.py; checks the device exists)."""
@@ -63,6 +64,7 @@ LABELS = {
     "vocab_path": "CLIP tokenizer vocabulary (bpe_simple_vocab_16e6.txt.gz or a folder with vocab.json and "
                   "merges.txt); empty: search the usual places",
     "log_level": "Console messages of Delta Sampling",
+    "cuda_graphs": "Replay the source model's step as a CUDA graph (NVIDIA GPUs)",
 }
 
 
@@ -136,6 +138,8 @@ def _option_infos(shared: Any, gr: Any) -> dict[str, Any]:
         "vocab_path": info(d.vocab_path, LABELS["vocab_path"]),
         "log_level": info(d.log_level, LABELS["log_level"], gr.Radio, {"choices": list(LOG_LEVELS)},
                           onchange=apply_log_level),
+        "cuda_graphs": info(d.cuda_graphs, LABELS["cuda_graphs"]).info(
+            "fewer kernel launches per step; turn off if a driver or another extension has trouble with it"),
     }
 
 

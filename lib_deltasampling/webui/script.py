@@ -224,7 +224,8 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
             adapted_prompts=adapted, adapted_negative_prompts=adapted_negatives, steps=steps, cfg_scale=cfg,
             target_scale=host.target_latent_scale(target), noise=noise, noise_multiplier=c0,
             sigma0=sigma0, embeddings=embeddings, adapted_embeddings=adapted_embeddings, generate_mask=mask,
-            should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped), stats=run.stats)
+            should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped), stats=run.stats,
+            cuda_graphs=read_options().cuda_graphs)
         img2img = x is not None and x is not noise  # txt2img hands the noise itself as x
         extra = float(getattr(shared.opts, "img2img_extra_noise", 0) or 0) if img2img else 0.0
         start = InitialLatent(noise, x if img2img else None, extra) if noise is not None else None

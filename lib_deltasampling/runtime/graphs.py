@@ -1,0 +1,174 @@
+"""CUDA-graph replay of a per-step function: one launch instead of hundreds of kernel launches.
+
+    delta = GraphedCall(compute_delta, name="source delta")
+    out = delta(x, sigma, conds)          # CUDA: eager the first time, captured the second, replayed after
+
+The function must be a pure function of its tensor arguments (and of state that stays put while
+this object lives: weights, adapter hooks, the generation's noise), with no host syncs. Each
+input signature (the arguments' structure, shapes, dtypes, devices, and the inference/autocast
+mode) gets its own graph with static input buffers; a call copies its tensors into them, skipping
+tensors that are the very objects copied last time (conditioning stays put for many steps), and
+replays. The result is the graph's static output: valid until the next call, which overwrites it.
+
+A signature is captured on its second call: the first runs eagerly, so one-off work (a prompt
+segment used once, a pass of one step) never pays for a capture. A tensor written in place since
+it was copied (its version changed) is copied again. Off CUDA, or when `enabled` is
+False, calls run eagerly; a capture that fails turns this object eager for good, with one log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger("delta-sampling")
+
+
+def flatten(value: Any) -> tuple[list[torch.Tensor], Any]:
+    """The tensors in `value` (tensors, tuples, lists, dicts, dataclasses, constants) and a hashable
+    description of everything else, from which `unflatten` rebuilds it with other tensors."""
+    tensors: list[torch.Tensor] = []
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            tensors.append(v)
+            return ("T", tuple(v.shape), v.dtype, v.device)
+        if isinstance(v, (tuple, list)):
+            return (type(v), tuple(walk(x) for x in v))
+        if isinstance(v, dict):
+            return (dict, tuple((k, walk(x)) for k, x in v.items()))
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return (type(v), tuple((f.name, walk(getattr(v, f.name))) for f in dataclasses.fields(v)))
+        return ("C", v)  # a constant: part of the signature (ints, floats, None, slices, strings)
+
+    return tensors, walk(value)
+
+
+def unflatten(spec: Any, tensors: list[torch.Tensor]) -> Any:
+    it = iter(tensors)
+
+    def build(s: Any) -> Any:
+        kind = s[0]
+        if kind == "T":
+            return next(it)
+        if kind == "C":
+            return s[1]
+        if kind in (tuple, list):
+            return kind(build(x) for x in s[1])
+        if kind is dict:
+            return {k: build(x) for k, x in s[1]}
+        return kind(**{name: build(x) for name, x in s[1]})
+
+    return build(spec)
+
+
+def _modes() -> tuple:
+    try:
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    except (TypeError, AttributeError):  # torch < 2.4 (A1111 1.10 ships 2.1)
+        autocast = (torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype())
+    return (torch.is_inference_mode_enabled(), torch.is_grad_enabled(), *autocast)
+
+
+class _Graph:
+    def __init__(self, graph: Any, inputs: list[torch.Tensor], output: Any) -> None:
+        self.graph = graph
+        self.inputs = inputs              # static buffers the graph reads
+        self.output = output              # static result the graph writes
+        self.loaded: list[Any] = [None] * len(inputs)  # (tensor, version) of what was copied in last
+
+    def load(self, tensors: list[torch.Tensor]) -> None:
+        for i, (buffer, t) in enumerate(zip(self.inputs, tensors)):
+            last = self.loaded[i]
+            if last is None or last[0] is not t or last[1] != t._version:  # in-place writes bump _version
+                buffer.copy_(t)
+                self.loaded[i] = (t, t._version)
+
+
+class CudaBackend:
+    """How graphs are captured and replayed; tests put a stand-in here to run the logic on the CPU."""
+
+    def usable(self, tensors: list[torch.Tensor]) -> bool:
+        return bool(tensors) and all(t.is_cuda for t in tensors)
+
+    def capture(self, fn: Callable[..., Any], args: Any, device: torch.device) -> tuple[Any, Any]:
+        """Warm up once on a side stream (as torch.cuda.make_graphed_callables does), then capture."""
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn(*args)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = fn(*args)
+        return graph, output
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+
+class GraphedCall:
+    def __init__(self, fn: Callable[..., Any], *, name: str, enabled: bool = True, max_graphs: int = 3,
+                 backend: CudaBackend | None = None) -> None:
+        self.fn = fn
+        self.name = name
+        self.enabled = enabled
+        self.max_graphs = max_graphs
+        self.backend = backend or CudaBackend()
+        self._graphs: OrderedDict[Any, _Graph] = OrderedDict()
+        self._seen: set[Any] = set()
+        self.replays = 0
+        self.captures = 0
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.enabled:
+            return self.fn(*args)
+        tensors, spec = flatten(args)
+        if not self.backend.usable(tensors):
+            return self.fn(*args)
+        key = (spec, _modes())
+        try:
+            entry = self._graphs.get(key)
+        except TypeError:  # an argument that cannot be part of a signature (unhashable): no graph
+            return self.fn(*args)
+        if entry is None:
+            if key not in self._seen:      # first call of this signature: eager
+                self._seen.add(key)
+                return self.fn(*args)
+            entry = self._capture(key, spec, tensors)
+            if entry is None:
+                return self.fn(*args)
+        else:
+            self._graphs.move_to_end(key)
+        entry.load(tensors)
+        self.backend.replay(entry.graph)
+        self.replays += 1
+        return entry.output
+
+    def _capture(self, key: Any, spec: Any, tensors: list[torch.Tensor]) -> _Graph | None:
+        inputs = [t.detach().clone() for t in tensors]
+        try:
+            graph, output = self.backend.capture(self.fn, unflatten(spec, inputs), tensors[0].device)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: run eagerly instead, and say so once
+            self.enabled = False
+            self._graphs.clear()
+            log.info("%s: CUDA graph capture failed (%s: %s); running it eagerly", self.name,
+                     exc.__class__.__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            return None
+        entry = _Graph(graph, inputs, output)
+        entry.loaded = [(t, t._version) for t in tensors]  # the buffers were cloned from exactly these
+        self._graphs[key] = entry
+        self.captures += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)  # the least recently used signature; its memory goes with it
+        return entry
+
+    def reset(self) -> None:
+        """Drop every graph and its memory (weights moved, adapters changed, generation over)."""
+        self._graphs.clear()
+        self._seen.clear()
