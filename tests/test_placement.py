@@ -85,9 +85,9 @@ def test_unknown_device_names_the_setting_and_the_choices(fake_cuda, device):
     assert "auto, cpu, cuda, cuda:N, mps" in msg
 
 
-@pytest.mark.parametrize("dtype", ["int8", "fp8", "double", "f16"])
+@pytest.mark.parametrize("dtype", ["int8", "fp4", "double", "f16"])
 def test_unknown_dtype_names_the_setting_and_the_choices(no_gpu, dtype):
-    with pytest.raises(SettingError, match=f"source model precision: '{dtype}' is not a precision.*auto, fp16, bf16, fp32"):
+    with pytest.raises(SettingError, match=f"source model precision: '{dtype}' is not a precision.*auto, fp16, bf16, fp32, fp8"):
         choose_placement("cpu", dtype)
 
 

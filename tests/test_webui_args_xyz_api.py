@@ -351,7 +351,8 @@ def test_options_defaults_registration_and_reading(a1111, caplog):  # noqa: F811
     a1111.create_ui()                                            # on_ui_settings
     opts = a1111.shared.opts
     defaults = options.WebuiOptions()
-    for name in ("device", "dtype", "keep_loaded", "free_on_checkpoint_change", "vocab_path", "log_level"):
+    for name in ("device", "dtype", "keep_loaded", "free_on_checkpoint_change", "vocab_path", "log_level",
+                 "cuda_graphs"):
         info = opts.data_labels[options.option_key(name)]
         assert info.default == getattr(defaults, name) and info.section == options.SECTION
         assert info.category_id == "sd" and info.label
@@ -369,10 +370,14 @@ def test_options_defaults_registration_and_reading(a1111, caplog):  # noqa: F811
     assert options.WebuiOptions().vocab_paths() == ()
     assert got.webui_root() is not None
 
-    opts.data[options.option_key("dtype")] = "fp8"               # e.g. an old config.json
+    opts.data[options.option_key("dtype")] = "fp4"               # e.g. a hand-edited config.json
     with caplog.at_level(logging.WARNING, logger="delta-sampling"):
         assert options.read_options().dtype == "auto"
-    assert "delta_sampling_dtype" in caplog.text and "fp8" in caplog.text
+    assert "delta_sampling_dtype" in caplog.text and "fp4" in caplog.text
+    opts.set(options.option_key("dtype"), "fp8")                 # the UNet's weights in 8 bits
+    assert str(options.read_options().placement()) == "cpu fp32, fp8 UNet weights"
+    opts.set(options.option_key("cuda_graphs"), False)
+    assert options.read_options().cuda_graphs is False
 
     logger = logging.getLogger("delta-sampling")
     before = logger.level

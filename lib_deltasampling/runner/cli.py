@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CLIP vocabulary: open_clip's bpe_simple_vocab_16e6.txt.gz or a tokenizer folder "
                              "(found by itself when open_clip_torch is installed)")
     models.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    models.add_argument("--dtype", default="auto", help="auto, fp16, bf16 or fp32")
+    models.add_argument("--dtype", default="auto",
+                        help="auto, fp16, bf16, fp32, or fp8: the source UNet's weights stored in 8 bits (half the "
+                             "memory), computed as auto")
     models.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="run the source's step eagerly (on NVIDIA GPUs it is replayed as a CUDA graph)")
 

@@ -20,6 +20,7 @@ import torch
 from .checkpoint import TensorStore, open_store
 from .denoiser import DiscreteSchedule, Denoiser, Prediction, latent_scale_factor
 from .detect import UNET_PREFIX, Family, ModelInfo, detect_model
+from .fp8 import move_module, store_fp8
 from .placement import Placement, choose_placement, empty_device_caches, module_nbytes, release_module
 from .text.encode import Conditioning, EmbeddingVectors, TextStack, load_text_stack, sdxl_adm_vector
 from .text.tokenizer import ClipTokenizer
@@ -78,7 +79,7 @@ class SourceModel:
     def to(self, placement: Placement) -> "SourceModel":
         """Move (and cast) every weight; floating weights take `placement.dtype`."""
         for m in self.modules():
-            m.to(device=placement.device, dtype=placement.dtype)
+            move_module(m, placement.device, placement.dtype)  # fp8 weights stay fp8
         self.placement = placement
         return self
 
@@ -121,6 +122,8 @@ def load_model(source: str | Path | TensorStore, *, prediction: str | None = Non
     tokenizer = tokenizer or ClipTokenizer.find(vocab_paths)
 
     unet = load_unet(store.sub(UNET_PREFIX), info.unet, placement.device, placement.dtype)
+    if placement.weights is not None:
+        store_fp8(unet)
     try:
         text = load_text_stack(store, info.family.value, tokenizer, placement.device, placement.dtype,
                                clip_skip=clip_skip)

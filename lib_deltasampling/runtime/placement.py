@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import SettingError
+from .fp8 import move_module
 
 DEVICE_SETTING = "source model device"
 DTYPE_SETTING = "source model precision"
@@ -35,13 +36,14 @@ _DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype                  # what the models compute in
+    weights: torch.dtype | None = None  # float8_e4m3fn: the UNet's Linear/Conv2d weights stored so (fp8.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
 
     def __str__(self) -> str:
-        return f"{self.device} {dtype_name(self.dtype)}"
+        return f"{self.device} {dtype_name(self.dtype)}" + (", fp8 UNet weights" if self.weights is not None else "")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -95,7 +97,7 @@ def parse_dtype(value: str | None, device: torch.device) -> torch.dtype:
     if text == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     if text not in DTYPES:
-        raise SettingError(DTYPE_SETTING, f"'{value}' is not a precision", f"Use one of: auto, {', '.join(DTYPES)}")
+        raise SettingError(DTYPE_SETTING, f"'{value}' is not a precision", f"Use one of: auto, {', '.join(DTYPES)}, fp8")
     dtype = DTYPES[text]
     if dtype == torch.float16 and device.type == "cpu":
         raise SettingError(DTYPE_SETTING, "fp16 is not supported on the CPU (many CPU operations have no fast half-precision version)",
@@ -107,8 +109,14 @@ def parse_dtype(value: str | None, device: torch.device) -> torch.dtype:
 
 
 def choose_placement(device: str | torch.device | None = None, dtype: str | None = None) -> Placement:
-    """Placement from two settings, each 'auto' (or None) or an explicit value."""
+    """Placement from two settings, each 'auto' (or None) or an explicit value. 'fp8': the UNet's
+    weights stored in fp8, computed in what 'auto' picks (fp16 on CUDA, fp32 on the CPU)."""
     dev = parse_device(device)
+    if (dtype or "").strip().lower() == "fp8":
+        if dev.type == "mps":
+            raise SettingError(DTYPE_SETTING, "fp8 weights are not supported by Apple's MPS backend", "Use fp16 (or auto)")
+        from .fp8 import FP8_WEIGHTS
+        return Placement(dev, parse_dtype("auto", dev), FP8_WEIGHTS)
     return Placement(dev, parse_dtype(dtype, dev))
 
 
@@ -249,14 +257,14 @@ class ModelSlot(Generic[M]):
         """Move (and cast floating tensors) to `placement`, if not there already."""
         module = self.module
         if placement != self._placement:
-            module.to(device=placement.device, dtype=placement.dtype)
+            move_module(module, placement.device, placement.dtype)
             self._placement = placement
         return module
 
     def offload(self) -> None:
         """Move to CPU RAM in the current dtype (storage only: compute places come from choose_placement)."""
         if self._placement is not None and self._module is not None and self._placement.device.type != "cpu":
-            self.to(Placement(torch.device("cpu"), self._placement.dtype))
+            self.to(Placement(torch.device("cpu"), self._placement.dtype, self._placement.weights))
 
     def nbytes(self) -> int:
         return 0 if self._module is None else module_nbytes(self._module)

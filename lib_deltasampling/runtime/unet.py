@@ -361,7 +361,8 @@ class UNetModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.out[2].weight.dtype
+        """The compute dtype: the output norm's (Linear/Conv2d weights may be stored in fp8, fp8.py)."""
+        return self.out[0].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:

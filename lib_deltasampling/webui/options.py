@@ -16,7 +16,7 @@ log = logging.getLogger("delta-sampling")
 
 SECTION = ("delta_sampling", "Delta Sampling")
 CATEGORY = "sd"                      # A1111's "Stable Diffusion" settings category
-DTYPES = ("auto", "fp16", "bf16", "fp32")
+DTYPES = ("auto", "fp16", "bf16", "fp32", "fp8")
 LOG_LEVELS = ("WARNING", "INFO", "DEBUG")
 KEY_PREFIX = "delta_sampling_"
 
@@ -26,7 +26,7 @@ class WebuiOptions:
     """Settings-page values (defaults = what a fresh install uses)."""
 
     device: str = "auto"                        # auto, cuda, cuda:N, cpu, mps
-    dtype: str = "auto"                         # auto, fp16, bf16, fp32
+    dtype: str = "auto"                         # auto, fp16, bf16, fp32, fp8 (UNet weights in 8 bits)
     keep_loaded: bool = True                    # keep the source models between generations
     free_on_checkpoint_change: bool = False     # free them when the WebUI's checkpoint changes
     vocab_path: str = ""                        # CLIP vocabulary file/folder; empty: search
@@ -58,7 +58,8 @@ def option_key(name: str) -> str:
 
 LABELS = {
     "device": "Device for the source models (auto: the WebUI's GPU; cuda:N for another GPU)",
-    "dtype": "Precision of the source models (auto: fp16 on GPUs, fp32 on the CPU)",
+    "dtype": "Precision of the source models (auto: fp16 on GPUs, fp32 on the CPU; fp8: the UNet's weights "
+             "stored in 8 bits, half the memory, computed as auto)",
     "keep_loaded": "Keep the source models loaded between generations",
     "free_on_checkpoint_change": "Free the source models when the WebUI's checkpoint changes",
     "vocab_path": "CLIP tokenizer vocabulary (bpe_simple_vocab_16e6.txt.gz or a folder with vocab.json and "

@@ -68,9 +68,11 @@ def memory_short(placement) -> bool:
 
 
 def load_estimate(path, placement) -> int:
-    """Bytes a checkpoint takes once loaded: its file size, twice that in fp32 (files are mostly fp16)."""
+    """Bytes a checkpoint takes once loaded: its file size, twice that in fp32 (files are mostly fp16),
+    about half with fp8 UNet weights (the UNet is most of a checkpoint)."""
     import torch
-    return path.stat().st_size * (2 if placement.dtype == torch.float32 else 1)
+    size = path.stat().st_size * (2 if placement.dtype == torch.float32 else 1)
+    return size // 2 if placement.weights is not None else size
 
 
 def read_settings(p, args) -> DeltaSettings:

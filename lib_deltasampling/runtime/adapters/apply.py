@@ -36,6 +36,7 @@ from torch import nn
 from ...errors import ModelFileError, SettingError
 from ..checkpoint import TensorStore, open_store
 from ..detect import Family
+from ..fp8 import compute_dtype
 from .algorithms import parse_layer
 from .base import AdapterLayer, LayerSpec
 from .keys import KeyMap, Target, component_of, group_layers
@@ -176,7 +177,8 @@ class AdapterSet:
             spec = layer_spec(self.components, target)
             # Checked in the file's own precision (a huge fp32 value must not become inf first), then placed.
             layer = parse_layer({suffix: store.tensor(key) for suffix, key in parts.items()}, layer_name, path)
-            layer = layer.to(spec.weight.device, spec.weight.dtype)
+            # parts in the dtype the layer computes in (not its fp8 storage: they would lose their precision)
+            layer = layer.to(spec.weight.device, compute_dtype(self.components[target.component], spec.weight))
             problem = layer.check(spec)
             if problem:
                 misfits.append(f"{layer_name}: {problem}")
