@@ -36,6 +36,7 @@ from lib_deltasampling.runtime.adapters.apply import AdapterSet  # noqa: E402
 from lib_deltasampling.runtime.checkpoint import TensorStore  # noqa: E402
 from lib_deltasampling.runtime.denoiser import Denoiser, DiscreteSchedule, Prediction  # noqa: E402
 from lib_deltasampling.runtime.detect import Family, ModelInfo  # noqa: E402
+from lib_deltasampling.runtime.fp8 import FP8_WEIGHTS, store_fp8  # noqa: E402
 from lib_deltasampling.runtime.graphs import GraphedCall  # noqa: E402
 from lib_deltasampling.runtime.model import SourceModel  # noqa: E402
 from lib_deltasampling.runtime.pair import PairConditioning, SourcePair  # noqa: E402
@@ -55,8 +56,11 @@ class _NoText:
     encoders: list = []
 
 
-def model_of(config: UNetConfig, family: Family, placement: Placement) -> SourceModel:
+def model_of(config: UNetConfig, family: Family, placement: Placement, *, fp8: bool = False) -> SourceModel:
     unet = random_unet(config, placement.device, placement.dtype)
+    if fp8:
+        store_fp8(unet)
+        placement = Placement(placement.device, placement.dtype, FP8_WEIGHTS)
     info = ModelInfo(None, family, "eps", "bench", config, False)
     denoiser = Denoiser(unet, Prediction.EPS, DiscreteSchedule(), net_dtype=placement.dtype)
     return SourceModel(info, unet, _NoText(), denoiser, placement)
@@ -153,6 +157,7 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
             "ideal_ms_per_step": ideal, "overhead_vs_ideal": t_eager / ideal - 1,
             "peak_target_only_gib": peak_target, "peak_ds_eager_gib": peak_eager, "peak_ds_graphs_gib": peak_graphs,
             "source_unet_weights_gib": source_weights,
+            "source_unet_weights_fp16_gib": sum(t.numel() * 2 for t in source.unet.parameters()) / 2**30,
             "vram_increase_eager_gib": peak_eager - peak_target + source_weights,
             "vram_increase_graphs_gib": peak_graphs - peak_target + source_weights}
 
@@ -172,25 +177,42 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", nargs="+", default=["a", "b-target", "b-native"])
+    parser.add_argument("--cases", nargs="+", default=["a", "a-fp8", "b-target", "b-native"],
+                        help="a, a-fp8, b-target, b-native, c (SDXL + fp8 SD1.5 source + LoRA, native)")
+    parser.add_argument("--memory-gib", type=float,
+                        help="cap this process's CUDA allocations (torch.cuda.set_per_process_memory_fraction)")
     args = parser.parse_args()
     cuda = not args.tiny and torch.cuda.is_available()
+    if cuda and args.memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / total)
     p = Placement(torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32)
     sd15_cfg, sdxl_cfg = (TINY, TINY_XL) if args.tiny else (SD15, SDXL)
     small, large = ((8, 8), (16, 16)) if args.tiny else ((64, 64), (128, 128))
     rows = []
-    source = model_of(sd15_cfg, Family.SD1, p)
-    if "a" in args.cases:
+    if {"a", "a-fp8"} & set(args.cases):
         target = model_of(sd15_cfg, Family.SD1, p)
-        rows.append(run_case("(a) SD1.5 target 512 + SD1.5 source + LoRA r32", target, source, small, "target",
-                             True, args.steps, args.repeats, cuda))
+        for case in ("a", "a-fp8"):
+            if case in args.cases:
+                source = model_of(sd15_cfg, Family.SD1, p, fp8=case == "a-fp8")
+                rows.append(run_case(f"({case}) SD1.5 target 512 + SD1.5 source{' fp8' if case == 'a-fp8' else ''}"
+                                     " + LoRA r32", target, source, small, "target", True, args.steps, args.repeats,
+                                     cuda))
+                del source
         del target
-    target = model_of(sdxl_cfg, Family.SDXL, p)
-    for res in ("target", "native"):
-        if f"b-{res}" in args.cases:
-            rows.append(run_case(f"(b) SDXL target 1024 + SD1.5 source, {res}", target, source, large, res,
-                                 False, args.steps, args.repeats, cuda))
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    if {"b-target", "b-native", "c"} & set(args.cases):
+        target = model_of(sdxl_cfg, Family.SDXL, p)
+        for res in ("target", "native"):
+            if f"b-{res}" in args.cases:
+                source = model_of(sd15_cfg, Family.SD1, p)
+                rows.append(run_case(f"(b) SDXL target 1024 + SD1.5 source, {res}", target, source, large, res,
+                                     False, args.steps, args.repeats, cuda))
+                del source
+        if "c" in args.cases:
+            source = model_of(sd15_cfg, Family.SD1, p, fp8=True)
+            rows.append(run_case("(c) SDXL target 1024 + SD1.5 source fp8 + LoRA r32, native", target, source, large,
+                                 "native", True, args.steps, args.repeats, cuda))
+    meta = {"memory_cap_gib": args.memory_gib, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
             "torch": torch.__version__, "dtype": str(p.dtype).removeprefix("torch."), "steps": args.steps,
             "repeats": args.repeats, "tiny": args.tiny}
