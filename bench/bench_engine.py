@@ -122,6 +122,8 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
     def loop(sampler: DeltaSampler | None):
         x = noise * sigmas[0]
         for i in range(steps):
+            if sampler is not None:
+                sampler.prefetch(x, sig[i], i, steps)  # as the WebUI hooks do in on_cfg_denoiser
             d = target_denoised(x, i)
             if sampler is not None:
                 d = sampler(x, sig[i], i, steps, d)  # as the WebUI hooks call it, once per step

@@ -35,6 +35,18 @@ class ReplayOnCpu:
     def replay(self, graph):
         graph["out"].copy_(graph["fn"](*graph["args"]))
 
+    # a side stream: the replay is deferred until the caller waits for it, as another stream would
+    # finish it only then; reading the output before waiting would see the previous step's values
+    def stream(self, device):
+        return "side"
+
+    def replay_on(self, graph, stream, timing=None):
+        self.launched = getattr(self, "launched", 0) + 1
+        return graph
+
+    def wait(self, graph):
+        self.replay(graph)
+
 
 @dataclasses.dataclass(frozen=True)
 class Conds:
@@ -164,3 +176,43 @@ def test_the_engine_step_is_the_same_through_the_graph_path():
         x = x * 0.8
     # steps 0, 2 and 4 run the source: eager, captured (and replayed), replayed
     assert graphed._source_delta.captures == 1 and graphed._source_delta.replays == 2
+
+
+def test_prefetch_overlaps_the_replay_and_the_call_waits_for_it():
+    """With `prefetch` before each call (as the WebUI hooks and the runner do), replays are launched
+    on the side stream and the call uses them: results equal the eager step's at every step."""
+    from lib_deltasampling.engine.sampler import DeltaParams, DeltaSampler, SourceStats
+    from test_engine import StubPair
+
+    class Pair(StubPair):
+        def encode(self, *a, **kw):
+            return StubConds(**vars(super().encode(*a, **kw)))
+
+    def sampler(graphs: bool) -> DeltaSampler:
+        noise = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+        s = DeltaSampler.prepare(Pair(), DeltaParams(scale=1.5), prompts=["a cat"], negative_prompts=[""],
+                                 adapted_prompts=["a cat, style"], adapted_negative_prompts=[""], steps=6,
+                                 cfg_scale=7.0, target_scale=0.13025, noise=noise, noise_multiplier=14.6,
+                                 sigma0=14.6, cuda_graphs=graphs, stats=SourceStats())
+        s._source_delta.backend = backend if graphs else s._source_delta.backend
+        s.stats.cuda_events = lambda: (s.stats.__setattr__("forwards", s.stats.forwards + 1), None)[1]
+        return s
+
+    backend = ReplayOnCpu()
+    eager, graphed = sampler(False), sampler(True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 4, 6, generator=g)
+    for i, sigma in enumerate((10.0, 7.0, 5.0, 2.0, 1.0, 0.5)):
+        s, d = torch.tensor([sigma]), torch.randn(x.shape, generator=g)
+        for engine in (eager, graphed):
+            engine.prefetch(x, s, i, 6)
+        assert torch.allclose(graphed(x, s, i, 6, d), eager(x, s, i, 6, d), atol=1e-6), i
+        x = x * 0.8
+    # steps 0 and 1 ran in the call (eager, then captured); steps 2-5 were launched by prefetch
+    assert backend.launched == 4 and graphed._source_delta.replays == 5 and graphed.stats.forwards == 6
+    # a call for another x than the one prefetched computes its own
+    graphed.prefetch(x, torch.tensor([0.3]), 5, 6)
+    other = x + 1
+    d = torch.zeros_like(x)
+    assert torch.allclose(graphed(other, torch.tensor([0.3]), 5, 6, d), eager(other, torch.tensor([0.3]), 5, 6, d),
+                          atol=1e-6)

@@ -288,9 +288,15 @@ class RecordingSampler:
     """A DeltaSampler stand-in (same call signature): records what it is handed, adds delta * (step + 1)."""
 
     def __init__(self, delta: torch.Tensor):
-        self.delta, self.calls = delta, []
+        self.delta, self.calls, self.prefetched = delta, [], []
+
+    def prefetch(self, x, sigma, step, total_steps):
+        self.prefetched.append((x, sigma, step, total_steps))
 
     def __call__(self, x, sigma, step, total_steps, target_denoised):
+        # the hook announces each call before the host's forward, with the very tensors it passes here
+        announced = self.prefetched[-1]
+        assert announced[0] is x and announced[1] is sigma and announced[2:] == (step, total_steps)
         self.calls.append((x.clone(), sigma.clone(), step, total_steps))
         return target_denoised + self.delta * (step + 1)
 

@@ -122,6 +122,13 @@ class SourceStats:
             finally:
                 self._wall += time.perf_counter() - t0
 
+    def cuda_events(self) -> tuple:
+        """A (start, end) pair of timing events for a run recorded elsewhere (a replay on a side stream)."""
+        self.forwards += 1
+        pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self._events.append(pair)
+        return pair
+
     def seconds(self) -> float:
         """Total time in the source forwards (waits for the last CUDA event: call it once, at the end)."""
         if self._events:
@@ -160,6 +167,8 @@ class DeltaSampler:
         # source forwards (SD1.5 at 64x64) cost several times their arithmetic when run eagerly.
         self._source_delta = GraphedCall(self._source_delta_eager, name="Delta Sampling source step",
                                          enabled=cuda_graphs)
+        self._side_stream = None  # where replays run while the host computes its own prediction
+        self._prefetched: tuple | None = None  # (step, x, Launched) started by `prefetch`
 
     def _plan(self, steps: int) -> None:
         p = self.params
@@ -211,6 +220,25 @@ class DeltaSampler:
     def conds_at(self, step: int) -> PairConditioning:
         return next((s.conds for s in self.segments if step <= s.end_step), self.segments[-1].conds)
 
+    @torch.no_grad()  # as `delta`: the same mode, so the same graph
+    def prefetch(self, x: torch.Tensor, sigma: torch.Tensor, step: int, total_steps: int) -> None:
+        """Start this step's source work before the host computes its own prediction for `x`: once
+        the step is a captured CUDA graph it is replayed on a side stream and runs alongside the
+        host's forward. The call for the same `x` and step then waits for it (no host sync)."""
+        self._prefetched = None
+        if total_steps != self.steps:
+            self._plan(total_steps)
+        if self.weight(step) == 0.0 or not (self._delta is None or self.compute[step]):
+            return
+        sigma_rows, conds = self._sigma_rows(x, sigma), self.conds_at(step)
+        if not self._source_delta.replaying(x, sigma_rows, conds):
+            return  # eager, or not captured yet: the call computes it
+        if self._side_stream is None:
+            self._side_stream = self._source_delta.backend.stream(x.device)
+        launched = self._source_delta.launch(x, sigma_rows, conds, stream=self._side_stream,
+                                             timing=self.stats.cuda_events())
+        self._prefetched = (step, x, launched)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int, total_steps: int,
                  target_denoised: torch.Tensor) -> torch.Tensor:
         if self.should_stop is not None and self.should_stop():
@@ -218,19 +246,26 @@ class DeltaSampler:
         if total_steps != self.steps:
             self._plan(total_steps)
         weight = self.weight(step)
+        prefetched, self._prefetched = self._prefetched, None
         if weight == 0.0:
             return target_denoised
         if self._delta is None or self.compute[step]:
-            self._delta = self.delta(x, sigma, step)
+            if prefetched is not None and prefetched[0] == step and prefetched[1] is x:
+                self._delta = prefetched[2].result()
+            else:
+                self._delta = self.delta(x, sigma, step)
         return apply_delta(target_denoised, self._delta.to(target_denoised.dtype), weight, self.generate_mask)
+
+    @staticmethod
+    def _sigma_rows(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
 
     @torch.no_grad()
     def delta(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
         """bridge * (D_A - D_S) at the target's latent size, for latent x at noise level sigma.
         On CUDA the result is a graph's output buffer: valid until the next call."""
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         with self.stats.measure(self.source_device or x.device):
-            return self._source_delta(x, sigma, self.conds_at(step))
+            return self._source_delta(x, self._sigma_rows(x, sigma), self.conds_at(step))
 
     def _source_delta_eager(self, x: torch.Tensor, sigma: torch.Tensor, conds: PairConditioning) -> torch.Tensor:
         x_s = source_input(x, self.noise, sigma, self.noise_per_sigma, self.target_scale, self.source_scale)

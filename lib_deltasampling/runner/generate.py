@@ -183,6 +183,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                 cuda_graphs=args.cuda_graphs)
 
         def model(x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
+            if delta is not None:
+                delta.prefetch(x, sigma, step, steps)  # a replayed source step overlaps the target's forward
             both = target.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), cfg_cond)
             uncond, cond = both.chunk(2)
             denoised = uncond + args.cfg * (cond - uncond)

@@ -111,6 +111,40 @@ class CudaBackend:
     def replay(self, graph: Any) -> None:
         graph.replay()
 
+    def stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device)
+
+    def replay_on(self, graph: Any, stream: Any, timing: tuple | None = None) -> Any:
+        """Replay on `stream` once the caller's stream has reached this point (inputs loaded);
+        returns an event the caller's stream waits on before reading the output."""
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            if timing is not None:
+                timing[0].record(stream)
+            graph.replay()
+            if timing is not None:
+                timing[1].record(stream)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def wait(self, event: Any) -> None:
+        torch.cuda.current_stream().wait_event(event)
+
+
+class Launched:
+    """A result that may still be computing on another stream: `result()` orders the caller's stream
+    after it (no host sync) and returns it."""
+
+    def __init__(self, value: Any, done: Any = None, backend: CudaBackend | None = None) -> None:
+        self._value, self._done, self._backend = value, done, backend
+
+    def result(self) -> Any:
+        if self._done is not None:
+            self._backend.wait(self._done)
+            self._done = None
+        return self._value
+
 
 class GraphedCall:
     def __init__(self, fn: Callable[..., Any], *, name: str, enabled: bool = True, max_graphs: int = 3,
@@ -126,29 +160,50 @@ class GraphedCall:
         self.captures = 0
 
     def __call__(self, *args: Any) -> Any:
+        return self._run(args, None, None).result()
+
+    def launch(self, *args: Any, stream: Any, timing: tuple | None = None) -> Launched:
+        """As a call, but a replay runs on `stream`, overlapping what the caller's stream does next
+        (e.g. the host's own forward); `result()` waits for it. Eager and capturing calls run now.
+        `timing`: two CUDA events recorded around the replay."""
+        return self._run(args, stream, timing)
+
+    def _run(self, args: tuple, stream: Any, timing: tuple | None) -> Launched:
         if not self.enabled:
-            return self.fn(*args)
+            return Launched(self.fn(*args))
         tensors, spec = flatten(args)
         if not self.backend.usable(tensors):
-            return self.fn(*args)
+            return Launched(self.fn(*args))
         key = (spec, _modes())
         try:
             entry = self._graphs.get(key)
         except TypeError:  # an argument that cannot be part of a signature (unhashable): no graph
-            return self.fn(*args)
+            return Launched(self.fn(*args))
         if entry is None:
             if key not in self._seen:      # first call of this signature: eager
                 self._seen.add(key)
-                return self.fn(*args)
+                return Launched(self.fn(*args))
             entry = self._capture(key, spec, tensors)
             if entry is None:
-                return self.fn(*args)
+                return Launched(self.fn(*args))
         else:
             self._graphs.move_to_end(key)
-        entry.load(tensors)
-        self.backend.replay(entry.graph)
+        entry.load(tensors)                # on the caller's stream, so later in-place writes cannot race
         self.replays += 1
-        return entry.output
+        if stream is None:
+            self.backend.replay(entry.graph)
+            return Launched(entry.output)
+        return Launched(entry.output, self.backend.replay_on(entry.graph, stream, timing), self.backend)
+
+    def replaying(self, *args: Any) -> bool:
+        """Whether a call with these arguments now replays a captured graph (rather than running eagerly)."""
+        if not self.enabled:
+            return False
+        tensors, spec = flatten(args)
+        try:
+            return self.backend.usable(tensors) and (spec, _modes()) in self._graphs
+        except TypeError:
+            return False
 
     def _capture(self, key: Any, spec: Any, tensors: list[torch.Tensor]) -> _Graph | None:
         inputs = [t.detach().clone() for t in tensors]

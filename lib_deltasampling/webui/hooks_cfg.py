@@ -164,6 +164,8 @@ class PassHook:
             steps = denoiser.steps  # the sampler steps of this pass (launch_sampling: steps or t_enc + 1)
             step = step_index(denoiser.step, denoiser.total_steps, steps)
             self.pending = _Pending(x, sigma.float(), step, steps, timesteps)
+            # a replayed source step starts now, alongside the host's own forward
+            self.sampler.prefetch(self.pending.x, self.pending.sigma, step, steps)
         except BaseException as exc:  # noqa: BLE001 - reported by the owner, never swallowed
             self._fail(exc)
 
