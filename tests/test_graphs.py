@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import pytest
 import torch
 
 from lib_deltasampling.runtime.graphs import GraphedCall, flatten, unflatten
