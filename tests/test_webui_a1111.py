@@ -496,3 +496,38 @@ def test_no_hashing_writes_no_hash_keys(a1111, monkeypatch):
     text = a1111.txt2img(ds()).processed.infotexts[0]
     assert a1111.reports == [] and hashed == [] and "Delta scale: 2.0" in text
     assert "Delta source hash" not in text and "Delta adapter hashes" not in text
+
+
+@pytest.mark.parametrize("how", ["setting", "--medvram"])
+def test_low_vram_moves_text_encoders_and_models_to_the_cpu_between_uses(a1111, monkeypatch, how):
+    """Low VRAM: the text encoders go to the device for each pass's encoding and back to the CPU after
+    it; the models go to the CPU after the generation and back before the next one uses them. (On
+    this CPU-only machine the moves are recorded, and the image must not change.)"""
+    from lib_deltasampling.engine.sampler import DeltaSampler
+    from lib_deltasampling.runtime.model import SourceModel
+    from lib_deltasampling.runtime.placement import Placement
+    from lib_deltasampling.webui.state import CACHE, SourceCache
+
+    setup_host(a1111)
+    plain = a1111.txt2img(ds(), enable_hr=True, hr_scale=1.5, denoising_strength=0.5)
+    if how == "setting":
+        a1111.shared.opts.set("delta_sampling_low_vram", True)
+    else:
+        monkeypatch.setattr(a1111.shared.cmd_opts, "medvram", True, raising=False)
+    events = []
+    text_to, prepare, to = SourceModel.text_to, DeltaSampler.prepare.__func__, SourceModel.to
+    monkeypatch.setattr(SourceModel, "text_to", lambda self, d: (events.append(("text", str(d))), text_to(self, d))[1])
+    monkeypatch.setattr(SourceModel, "to", lambda self, p: (events.append(("model", str(p.device))), to(self, p))[1])
+    offload_all = SourceCache.offload_all
+    monkeypatch.setattr(SourceCache, "offload_all", lambda self: (events.append(("offload",)), offload_all(self))[1])
+    monkeypatch.setattr(DeltaSampler, "prepare",
+                        classmethod(lambda cls, *a, **k: (events.append(("prepare",)), prepare(cls, *a, **k))[1]))
+    low = a1111.txt2img(ds(), enable_hr=True, hr_scale=1.5, denoising_strength=0.5)
+    assert torch.equal(low.processed.images[0], plain.processed.images[0])
+    # two passes (first and hires), each: text encoders to the device, encode, text encoders to the CPU
+    assert events == [("text", "cpu"), ("prepare",), ("text", "cpu")] * 2 + [("offload",)]  # after the generation
+    model = CACHE.loaded[0]
+    model.placement = Placement(torch.device("cpu"), torch.float32, torch.float8_e4m3fn)  # "somewhere else"
+    events.clear()
+    a1111.txt2img(ds())
+    assert events[0] == ("model", "cpu"), events  # moved back before use

@@ -83,6 +83,11 @@ class SourceModel:
         self.placement = placement
         return self
 
+    def text_to(self, device: torch.device) -> None:
+        """Move only the text encoders (low VRAM: they run once per pass, the UNet every step)."""
+        for enc in self.text.encoders:
+            move_module(enc.model, device, self.placement.dtype)
+
     def release(self) -> None:
         """Free every weight now (even if something else still references the modules)."""
         if self.released:

@@ -71,6 +71,11 @@ class SourcePair:
     def adapted_model(self) -> SourceModel:
         return self.adapted or self.base
 
+    def text_to(self, device: torch.device) -> None:
+        """Move the text encoders of both models (see `SourceModel.text_to`)."""
+        for model in {id(m): m for m in (self.base, self.adapted_model)}.values():
+            model.text_to(device)
+
     @contextmanager
     def running(self) -> Iterator["SourcePair"]:
         """Attach the adapters' hooks for a generation; they are removed on exit, also on error."""

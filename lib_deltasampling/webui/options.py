@@ -32,11 +32,18 @@ class WebuiOptions:
     vocab_path: str = ""                        # CLIP vocabulary file/folder; empty: search
     log_level: str = "INFO"                     # INFO: one line per generation that ran the delta
     cuda_graphs: bool = True                    # replay the source's step as a CUDA graph (NVIDIA GPUs)
+    low_vram: bool = False                      # text encoders and models on the CPU when not computing
 
     def placement(self):
         """Device and dtype of the source models (runtime/placement.py; checks the device exists)."""
         from ..runtime.placement import choose_placement
         return choose_placement(self.device, self.dtype)
+
+    def low_vram_now(self) -> bool:
+        """The option, or the WebUI's own --lowvram/--medvram."""
+        from modules import shared
+        opts = shared.cmd_opts
+        return self.low_vram or bool(getattr(opts, "lowvram", False) or getattr(opts, "medvram", False))
 
     def vocab_paths(self) -> tuple[Path, ...]:
         return (Path(self.vocab_path.strip()).expanduser(),) if self.vocab_path.strip() else ()
@@ -66,6 +73,8 @@ LABELS = {
                   "merges.txt); empty: search the usual places",
     "log_level": "Console messages of Delta Sampling",
     "cuda_graphs": "Replay the source model's step as a CUDA graph (NVIDIA GPUs)",
+    "low_vram": "Low VRAM: keep the source's text encoders on the CPU except while encoding, and the source "
+                "models on the CPU between generations",
 }
 
 
@@ -141,6 +150,8 @@ def _option_infos(shared: Any, gr: Any) -> dict[str, Any]:
                           onchange=apply_log_level),
         "cuda_graphs": info(d.cuda_graphs, LABELS["cuda_graphs"]).info(
             "fewer kernel launches per step; turn off if a driver or another extension has trouble with it"),
+        "low_vram": info(d.low_vram, LABELS["low_vram"]).info(
+            "on by itself when the WebUI runs with --lowvram or --medvram; costs a copy over PCIe per pass"),
     }
 
 

@@ -17,6 +17,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from ..engine.infotext import ADAPTED_HASH, ADAPTER_HASHES, SOURCE_HASH, format_hashes, settings_to_infotext
 from ..engine.sampler import DeltaSampler, SourceStats
 from ..engine.schedule import never_applies
@@ -162,6 +164,10 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
     base = CACHE.model(source_path, placement, tokenizer, timestep_mode)
     adapted = CACHE.model(adapted_path, placement, tokenizer, timestep_mode) if adapted_path else None
     CACHE.keep_only([m for m in (base, adapted) if m is not None])
+    for model in (m for m in (base, adapted) if m is not None):
+        if model.placement != placement:  # on the CPU since the last generation (low VRAM)
+            host.make_room(placement.device, model.nbytes())
+            model.to(placement)
     adapters = CACHE.adapters(adapted or base, adapter_files, source_path.name)
     pair = SourcePair(base, adapters, adapted)
     dirs = files.embedding_dirs()
@@ -221,13 +227,19 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
             sigma0 = schedule.sigma_max
             c0 = math.sqrt(1.0 + sigma0 ** 2)
         mask = None if hires else getattr(p, "nmask", None)
+        options = read_options()
+        low_vram = options.low_vram_now()
+        if low_vram:
+            run.pair.text_to(run.pair.base.placement.device)
         sampler = DeltaSampler.prepare(
             run.pair, run.settings.to_params(), prompts=prompts, negative_prompts=negatives,
             adapted_prompts=adapted, adapted_negative_prompts=adapted_negatives, steps=steps, cfg_scale=cfg,
             target_scale=host.target_latent_scale(target), noise=noise, noise_multiplier=c0,
             sigma0=sigma0, embeddings=embeddings, adapted_embeddings=adapted_embeddings, generate_mask=mask,
             should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped), stats=run.stats,
-            cuda_graphs=read_options().cuda_graphs)
+            cuda_graphs=options.cuda_graphs)
+        if low_vram:
+            run.pair.text_to(torch.device("cpu"))  # encoded for this pass: the text encoders are not needed now
         img2img = x is not None and x is not noise  # txt2img hands the noise itself as x
         extra = float(getattr(shared.opts, "img2img_extra_noise", 0) or 0) if img2img else 0.0
         start = InitialLatent(noise, x if img2img else None, extra) if noise is not None else None
@@ -261,8 +273,11 @@ def postprocess(p, processed=None, *args) -> None:
             log.info(summary(run))
         setattr(p, RUN_ATTR, None)  # p outlives the generation (API response, X/Y/Z): hold nothing
     remove_leftovers()
-    if not read_options().keep_loaded:
+    options = read_options()
+    if not options.keep_loaded:
         CACHE.release_all()
+    elif options.low_vram_now():
+        CACHE.offload_all()  # to the CPU until the next generation with Delta Sampling
 
 
 def fail(p, exc: BaseException) -> None:

@@ -11,9 +11,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..runtime.adapters.apply import AdapterSet
 from ..runtime.model import SourceModel, load_model
-from ..runtime.placement import Placement
+from ..runtime.placement import Placement, empty_device_caches
 from ..runtime.text.tokenizer import ClipTokenizer
 
 log = logging.getLogger("delta-sampling")
@@ -75,6 +77,13 @@ class SourceCache:
                 del self._models[key]
                 self._adapters = {k: v for k, v in self._adapters.items() if k[0] != id(model)}
                 model.release()
+
+    def offload_all(self) -> None:
+        """Move every model to CPU RAM (kept in its dtype); `process` moves them back when used."""
+        for model in self._models.values():
+            if model.placement.device.type != "cpu":
+                model.to(Placement(torch.device("cpu"), model.placement.dtype, model.placement.weights))
+        empty_device_caches()
 
     def release_all(self) -> None:
         """Free every model, their adapters and the tokenizer (rebuilt in well under a second)."""
