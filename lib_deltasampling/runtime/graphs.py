@@ -81,6 +81,7 @@ class _Graph:
         self.inputs = inputs              # static buffers the graph reads
         self.output = output              # static result the graph writes
         self.loaded: list[Any] = [None] * len(inputs)  # (tensor, version) of what was copied in last
+        self.running: Any = None          # the event of a replay launched on another stream
 
     def load(self, tensors: list[torch.Tensor]) -> None:
         for i, (buffer, t) in enumerate(zip(self.inputs, tensors)):
@@ -188,12 +189,16 @@ class GraphedCall:
                 return Launched(self.fn(*args))
         else:
             self._graphs.move_to_end(key)
+        if entry.running is not None:      # a replay still reading the buffers (its result never awaited)
+            self.backend.wait(entry.running)
+            entry.running = None
         entry.load(tensors)                # on the caller's stream, so later in-place writes cannot race
         self.replays += 1
         if stream is None:
             self.backend.replay(entry.graph)
             return Launched(entry.output)
-        return Launched(entry.output, self.backend.replay_on(entry.graph, stream, timing), self.backend)
+        entry.running = self.backend.replay_on(entry.graph, stream, timing)
+        return Launched(entry.output, entry.running, self.backend)
 
     def replaying(self, *args: Any) -> bool:
         """Whether a call with these arguments now replays a captured graph (rather than running eagerly)."""
