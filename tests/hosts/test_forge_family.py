@@ -27,9 +27,11 @@ def engine_tokenizer(host):
     return ClipTokenizer.find((), webui_root=host.root)  # what the extension finds in that host
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def source_pair(forge_family, sd15_models):
-    """The source pair as the extension builds it in Forge (CPU fp32, nearest timesteps), in this process."""
+    """The source pair as the extension builds it in Forge (CPU fp32, nearest timesteps), in this process.
+    Freed after each test: its ~4 GB must not sit in this process while a host loads a refiner (the
+    machine has 24 GB and Forge Neo alone takes up to 16 GB on CPU)."""
     from lib_deltasampling.runtime.adapters.apply import AdapterSet
     from lib_deltasampling.runtime.model import load_model
     from lib_deltasampling.runtime.pair import SourcePair
@@ -40,7 +42,8 @@ def source_pair(forge_family, sd15_models):
                         timestep_mode="nearest")
     adapters = AdapterSet(source.components(), source.family)
     adapters.add(sd15_models["lora"])
-    return SourcePair(source, adapters)
+    yield SourcePair(source, adapters)
+    source.release()
 
 
 def engine_outputs(pair, recorded: dict, settings: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
