@@ -167,7 +167,6 @@ class DeltaSampler:
         # source forwards (SD1.5 at 64x64) cost several times their arithmetic when run eagerly.
         self._source_delta = GraphedCall(self._source_delta_eager, name="Delta Sampling source step",
                                          enabled=cuda_graphs)
-        self._side_stream = None  # where replays run while the host computes its own prediction
         self._prefetched: tuple | None = None  # (step, x, Launched) started by `prefetch`
 
     def _plan(self, steps: int) -> None:
@@ -230,14 +229,10 @@ class DeltaSampler:
             self._plan(total_steps)
         if self.weight(step) == 0.0 or not (self._delta is None or self.compute[step]):
             return
-        sigma_rows, conds = self._sigma_rows(x, sigma), self.conds_at(step)
-        if not self._source_delta.replaying(x, sigma_rows, conds):
-            return  # eager, or not captured yet: the call computes it
-        if self._side_stream is None:
-            self._side_stream = self._source_delta.backend.stream(x.device)
-        launched = self._source_delta.launch(x, sigma_rows, conds, stream=self._side_stream,
-                                             timing=self.stats.cuda_events())
-        self._prefetched = (step, x, launched)
+        launched = self._source_delta.launch(x, self._sigma_rows(x, sigma), self.conds_at(step),
+                                             timing=self.stats.cuda_events)
+        if launched is not None:  # else eager, or not captured yet: the call computes it
+            self._prefetched = (step, x, launched)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int, total_steps: int,
                  target_denoised: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if spec.name in NOT_FLAGS:
             continue
         extra = f" One of: {', '.join(spec.choices)}." if spec.kind == "choice" else ""
-        default = spec.format(spec.default) if spec.format(spec.default) != "" else "empty"
+        default = spec.format(spec.default) or "empty"
         ds.add_argument(flag(spec.name), dest=f"ds_{spec.name}", default=None, metavar=spec.kind.upper(),
                         help=f"{spec.tooltip}{extra} Default: {default}.")
 

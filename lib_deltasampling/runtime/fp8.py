@@ -3,7 +3,7 @@
 Half the memory of fp16 weights, as A1111's and Forge's "FP8 weight" options: every Linear and
 Conv2d weight of the UNet is cast to float8_e4m3fn (no scaling, as theirs), and each layer casts
 it back to the input's dtype when it runs. Biases, norms and the text encoders keep the compute
-dtype. Adapters see the stored weight (DoRA reads it in fp32), so they need no change.
+dtype. Adapter parts take the compute dtype (`compute_dtype`), not the storage's.
 
     store_fp8(model.unet)          # after loading in the compute dtype
     move_module(unet, placement)   # device moves that keep the fp8 weights (Module.to would upcast them)
@@ -50,15 +50,8 @@ def compute_dtype(module: nn.Module, weight: torch.Tensor) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype != FP8_WEIGHTS)
 
 
-def has_fp8_weights(module: nn.Module) -> bool:
-    return any(isinstance(layer, (Fp8Linear, Fp8Conv2d)) for layer in module.modules())
-
-
 def move_module(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """`module.to(device, dtype)`, except that fp8 weights stay fp8."""
-    if not has_fp8_weights(module):
-        module.to(device=device, dtype=dtype)
-        return
     module.to(device=device)
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.is_floating_point() and tensor.dtype not in (FP8_WEIGHTS, dtype):

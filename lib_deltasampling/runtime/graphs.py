@@ -134,16 +134,14 @@ class CudaBackend:
 
 
 class Launched:
-    """A result that may still be computing on another stream: `result()` orders the caller's stream
-    after it (no host sync) and returns it."""
+    """A result still computing on another stream: `result()` orders the caller's stream after it
+    (no host sync) and returns it."""
 
-    def __init__(self, value: Any, done: Any = None, backend: CudaBackend | None = None) -> None:
+    def __init__(self, value: Any, done: Any, backend: CudaBackend) -> None:
         self._value, self._done, self._backend = value, done, backend
 
     def result(self) -> Any:
-        if self._done is not None:
-            self._backend.wait(self._done)
-            self._done = None
+        self._backend.wait(self._done)
         return self._value
 
 
@@ -157,58 +155,61 @@ class GraphedCall:
         self.backend = backend or CudaBackend()
         self._graphs: OrderedDict[Any, _Graph] = OrderedDict()
         self._seen: set[Any] = set()
+        self._stream: Any = None          # where `launch` replays
         self.replays = 0
         self.captures = 0
 
     def __call__(self, *args: Any) -> Any:
-        return self._run(args, None, None).result()
+        entry, tensors = self._entry(args, capture=True)
+        if entry is None:
+            return self.fn(*args)
+        self._load(entry, tensors)
+        self.backend.replay(entry.graph)
+        return entry.output
 
-    def launch(self, *args: Any, stream: Any, timing: tuple | None = None) -> Launched:
-        """As a call, but a replay runs on `stream`, overlapping what the caller's stream does next
-        (e.g. the host's own forward); `result()` waits for it. Eager and capturing calls run now.
-        `timing`: two CUDA events recorded around the replay."""
-        return self._run(args, stream, timing)
+    def launch(self, *args: Any, timing: Callable[[], tuple] | None = None) -> Launched | None:
+        """As a call that replays, but on a side stream, overlapping what the caller's stream does
+        next (e.g. the host's own forward); `result()` waits for it. None when the call would not
+        replay (eager, or not captured yet): then call instead. `timing()`: two CUDA events to
+        record around the replay."""
+        entry, tensors = self._entry(args, capture=False)
+        if entry is None:
+            return None
+        if self._stream is None:
+            self._stream = self.backend.stream(tensors[0].device)
+        self._load(entry, tensors)
+        entry.running = self.backend.replay_on(entry.graph, self._stream, timing() if timing else None)
+        return Launched(entry.output, entry.running, self.backend)
 
-    def _run(self, args: tuple, stream: Any, timing: tuple | None) -> Launched:
+    def _entry(self, args: tuple, *, capture: bool) -> tuple[_Graph | None, list[torch.Tensor]]:
+        """The graph for these arguments' signature and their tensors; None to run eagerly. With
+        `capture`, a signature seen once before is captured now."""
         if not self.enabled:
-            return Launched(self.fn(*args))
+            return None, []
         tensors, spec = flatten(args)
         if not self.backend.usable(tensors):
-            return Launched(self.fn(*args))
+            return None, []
         key = (spec, _modes())
         try:
             entry = self._graphs.get(key)
         except TypeError:  # an argument that cannot be part of a signature (unhashable): no graph
-            return Launched(self.fn(*args))
-        if entry is None:
-            if key not in self._seen:      # first call of this signature: eager
-                self._seen.add(key)
-                return Launched(self.fn(*args))
-            entry = self._capture(key, spec, tensors)
-            if entry is None:
-                return Launched(self.fn(*args))
-        else:
+            return None, []
+        if entry is not None:
             self._graphs.move_to_end(key)
+            return entry, tensors
+        if not capture:
+            return None, []
+        if key not in self._seen:          # first call of this signature: eager
+            self._seen.add(key)
+            return None, []
+        return self._capture(key, spec, tensors), tensors
+
+    def _load(self, entry: _Graph, tensors: list[torch.Tensor]) -> None:
         if entry.running is not None:      # a replay still reading the buffers (its result never awaited)
             self.backend.wait(entry.running)
             entry.running = None
         entry.load(tensors)                # on the caller's stream, so later in-place writes cannot race
         self.replays += 1
-        if stream is None:
-            self.backend.replay(entry.graph)
-            return Launched(entry.output)
-        entry.running = self.backend.replay_on(entry.graph, stream, timing)
-        return Launched(entry.output, entry.running, self.backend)
-
-    def replaying(self, *args: Any) -> bool:
-        """Whether a call with these arguments now replays a captured graph (rather than running eagerly)."""
-        if not self.enabled:
-            return False
-        tensors, spec = flatten(args)
-        try:
-            return self.backend.usable(tensors) and (spec, _modes()) in self._graphs
-        except TypeError:
-            return False
 
     def _capture(self, key: Any, spec: Any, tensors: list[torch.Tensor]) -> _Graph | None:
         inputs = [t.detach().clone() for t in tensors]

@@ -47,13 +47,12 @@ def inside(path: Path, folders: Iterable[Path]) -> bool:
 def files_named(name: str, folders: Sequence[Path], suffixes: Sequence[str]) -> list[Path]:
     """Files `name` + one of `suffixes` in `folders` and their subfolders, by exact comparison
     (case-insensitive suffix), sorted; no glob is built from `name`."""
-    wanted = {name + s.lower() for s in suffixes}
+    wanted = {s.lower() for s in suffixes}
     hits = []
     for folder in folders:
         if folder.is_dir():
             for root, _, filenames in os.walk(folder):  # linked folders lie outside: not followed
-                hits += [Path(root, f) for f in filenames if f[: len(name)] == name and
-                         name + f[len(name):].lower() in wanted]
+                hits += [Path(root, f) for f in filenames if f.startswith(name) and f[len(name):].lower() in wanted]
     return sorted(hits)
 
 

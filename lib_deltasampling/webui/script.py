@@ -72,7 +72,6 @@ def memory_short(placement) -> bool:
 def load_estimate(path, placement) -> int:
     """Bytes a checkpoint takes once loaded: its file size, twice that in fp32 (files are mostly fp16),
     about half with fp8 UNet weights (the UNet is most of a checkpoint)."""
-    import torch
     size = path.stat().st_size * (2 if placement.dtype == torch.float32 else 1)
     return size // 2 if placement.weights is not None else size
 
