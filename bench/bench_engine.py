@@ -147,6 +147,9 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
         peak_target = peak_of(lambda: loop(None), cuda)
         peak_eager = peak_of(lambda: loop(samplers[False]), cuda)
         peak_graphs = peak_of(lambda: loop(samplers[True]), cuda)
+        checks = {f"{what}_{kind}": host_work(lambda: loop(sampler), cuda)[i]
+                  for what, sampler in (("target_only", None), ("ds_eager", samplers[False]), ("ds_graphs", samplers[True]))
+                  for i, kind in enumerate(("syncs", "allocations"))}
     ideal = f_target + f_source
     source_weights = sum(t.numel() * t.element_size() for t in source.unet.parameters()) / 2**30
     # the source stays resident during the target-only loop too, so the increase over a target
@@ -161,7 +164,32 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
             "source_unet_weights_gib": source_weights,
             "source_unet_weights_fp16_gib": sum(t.numel() * 2 for t in source.unet.parameters()) / 2**30,
             "vram_increase_eager_gib": peak_eager - peak_target + source_weights,
-            "vram_increase_graphs_gib": peak_graphs - peak_target + source_weights}
+            "vram_increase_graphs_gib": peak_graphs - peak_target + source_weights,
+            **{k: v / steps if k.endswith("allocations") else v for k, v in checks.items()}}
+
+
+def host_work(fn, cuda: bool) -> tuple[int, int]:
+    """Host syncs (torch's sync debug mode, as warnings) and CUDA caching-allocator allocations
+    during one call of `fn`; (0, 0) off CUDA."""
+    if not cuda:
+        return 0, 0
+    import warnings
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats().get("allocation.all.allocated", 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    allocations = torch.cuda.memory_stats().get("allocation.all.allocated", 0) - before
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in syncs[:3]:
+        print(f"sync: {w.filename}:{w.lineno}: {str(w.message)[:120]}", file=sys.stderr)
+    return len(syncs), allocations
 
 
 def source_flops(pair: SourcePair, x: torch.Tensor, sigma: torch.Tensor, conds: PairConditioning) -> float:
@@ -191,13 +219,23 @@ def main() -> None:
     p = Placement(torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32)
     sd15_cfg, sdxl_cfg = (TINY, TINY_XL) if args.tiny else (SD15, SDXL)
     small, large = ((8, 8), (16, 16)) if args.tiny else ((64, 64), (128, 128))
-    rows = []
+    meta = {"memory_cap_gib": args.memory_gib, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "torch": torch.__version__, "dtype": str(p.dtype).removeprefix("torch."), "steps": args.steps,
+            "repeats": args.repeats, "tiny": args.tiny, "command": " ".join(sys.argv)}
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:  # written after each case, so a run cut short keeps what it measured
+        rows.append(row)
+        args.out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
     if {"a", "a-fp8"} & set(args.cases):
         target = model_of(sd15_cfg, Family.SD1, p)
         for case in ("a", "a-fp8"):
             if case in args.cases:
                 source = model_of(sd15_cfg, Family.SD1, p, fp8=case == "a-fp8")
-                rows.append(run_case(f"({case}) SD1.5 target 512 + SD1.5 source{' fp8' if case == 'a-fp8' else ''}"
+                add(run_case(f"({case}) SD1.5 target 512 + SD1.5 source{' fp8' if case == 'a-fp8' else ''}"
                                      " + LoRA r32", target, source, small, "target", True, args.steps, args.repeats,
                                      cuda))
                 del source
@@ -207,20 +245,13 @@ def main() -> None:
         for res in ("target", "native"):
             if f"b-{res}" in args.cases:
                 source = model_of(sd15_cfg, Family.SD1, p)
-                rows.append(run_case(f"(b) SDXL target 1024 + SD1.5 source, {res}", target, source, large, res,
+                add(run_case(f"(b) SDXL target 1024 + SD1.5 source, {res}", target, source, large, res,
                                      False, args.steps, args.repeats, cuda))
                 del source
         if "c" in args.cases:
             source = model_of(sd15_cfg, Family.SD1, p, fp8=True)
-            rows.append(run_case("(c) SDXL target 1024 + SD1.5 source fp8 + LoRA r32, native", target, source, large,
+            add(run_case("(c) SDXL target 1024 + SD1.5 source fp8 + LoRA r32, native", target, source, large,
                                  "native", True, args.steps, args.repeats, cuda))
-    meta = {"memory_cap_gib": args.memory_gib, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "torch": torch.__version__, "dtype": str(p.dtype).removeprefix("torch."), "steps": args.steps,
-            "repeats": args.repeats, "tiny": args.tiny}
-    args.out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    for r in rows:
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
 
 
 if __name__ == "__main__":
