@@ -85,6 +85,11 @@ def random_unet_state_dict(config: UNetConfig, seed: int = 0) -> dict[str, torch
     """
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in UNetModel(config).state_dict().items()}
+    return random_tensors(shapes, seed)
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """float32 tensors of the given shapes, initialised as `random_unet_state_dict` describes."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key in sorted(shapes):

@@ -76,6 +76,15 @@ class TensorStore:
         return TensorStore(self.path, self._shapes, self._dtypes, self._reader,
                            self.prefix + prefix, self.metadata)
 
+    def renamed(self, names: Mapping[str, str]) -> "TensorStore":
+        """A view whose keys are renamed: `names` maps each new key to a key of this store.
+        Keys not named are left out; no tensor is read or copied (the file is read on demand as before)."""
+        full = {new: self.prefix + old for new, old in names.items()}
+        shapes = {new: self._shapes[key] for new, key in full.items()}
+        dtypes = {new: self._dtypes[key] for new, key in full.items()}
+        reader = self._reader
+        return TensorStore(self.path, shapes, dtypes, lambda key: reader(full[key]), metadata=self.metadata)
+
     def keys(self) -> list[str]:
         n = len(self.prefix)
         return [k[n:] for k in self._shapes if k.startswith(self.prefix)]

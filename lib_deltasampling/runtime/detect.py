@@ -73,8 +73,13 @@ def _any_key(store: TensorStore, pattern: str) -> bool:
 _CHECKPOINT_HINT = "Choose a single-file SD1.x, SD2.x or SDXL checkpoint as the source"
 
 
+# Keys only LoRA/LyCORIS adapter files have (kohya/LyCORIS prefixes, PEFT/kohya/LyCORIS suffixes).
+LORA_KEY_PATTERN = (r"(^lora_(unet|te\d?)_|^lycoris_|\.lora_(down|up)\.weight$|\.lora_[AB]\.weight$"
+                    r"|\.hada_w1_a$|\.lokr_w[12](_[ab])?$|\.oft_blocks$)")
+
+
 def _refuse_non_checkpoints(store: TensorStore, path: Path | str) -> None:
-    if _any_key(store, r"(^lora_(unet|te\d?)_|^lycoris_|\.lora_(down|up)\.weight$|\.lora_[AB]\.weight$|\.hada_w1_a$|\.lokr_w[12](_[ab])?$|\.oft_blocks$)"):
+    if _any_key(store, LORA_KEY_PATTERN):
         raise ModelFileError(path, "this is a LoRA/LyCORIS adapter, not a checkpoint",
                              "Put it in the adapter field as <lora:NAME:1> and pick its base model as the source checkpoint")
     if _has(store, "string_to_param", "emb_params", "clip_l", "clip_g") and len(store) <= 4:

@@ -22,6 +22,8 @@ Numerics (the choices that differ from a literal reading of ldm):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,15 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+@dataclass(frozen=True)
+class ControlResiduals:
+    """What a ControlNet adds to one UNet forward: `residuals[i]` to the output of input block i
+    (its skip connection), the last to the middle block's output; only rows `rows` of the batch."""
+
+    rows: slice
+    residuals: Sequence[torch.Tensor]
 
 
 # ---------------------------------------------------------------------------- layers
@@ -230,8 +241,8 @@ class UNetBlock(nn.ModuleList):
 
 # ---------------------------------------------------------------------------- config checks
 
-def _transformer_channels(c: UNetConfig) -> list[int]:
-    """Channel count of every transformer in the net (input, middle, output)."""
+def _transformer_channels(c: UNetConfig, encoder_only: bool = False) -> list[int]:
+    """Channel count of every transformer in the net (input, middle, and unless `encoder_only`, output)."""
     chans: list[int] = []
     levels = list(zip(c.channel_mult, c.num_res_blocks))
     depths_in = iter(c.transformer_depth)
@@ -239,16 +250,19 @@ def _transformer_channels(c: UNetConfig) -> list[int]:
         chans += [c.model_channels * mult for _ in range(n) if next(depths_in)]
     if c.transformer_depth_middle:
         chans.append(c.model_channels * c.channel_mult[-1])
+    if encoder_only:
+        return chans
     depths_out = iter(c.transformer_depth_output)
     for mult, n in reversed(levels):
         chans += [c.model_channels * mult for _ in range(n + 1) if next(depths_out)]
     return chans
 
 
-def check_unet_config(c: UNetConfig) -> None:
-    """Raise ValueError naming the field when `c` cannot describe a UNet."""
+def check_unet_config(c: UNetConfig, *, encoder_only: bool = False) -> None:
+    """Raise ValueError naming the field when `c` cannot describe a UNet (with `encoder_only`:
+    its input and middle blocks, as a ControlNet has them; the output side is not looked at)."""
     levels = len(c.channel_mult)
-    if c.in_channels < 1 or c.out_channels < 1 or c.model_channels < 1:
+    if c.in_channels < 1 or (c.out_channels < 1 and not encoder_only) or c.model_channels < 1:
         raise ValueError(f"in_channels {c.in_channels}, out_channels {c.out_channels} and "
                          f"model_channels {c.model_channels} must be positive")
     if levels == 0 or min(c.channel_mult) < 1:
@@ -258,7 +272,7 @@ def check_unet_config(c: UNetConfig) -> None:
     n_in = sum(c.num_res_blocks)
     if len(c.transformer_depth) != n_in:
         raise ValueError(f"transformer_depth has {len(c.transformer_depth)} entries, expected one per input res block ({n_in})")
-    if len(c.transformer_depth_output) != n_in + levels:
+    if not encoder_only and len(c.transformer_depth_output) != n_in + levels:
         raise ValueError(f"transformer_depth_output has {len(c.transformer_depth_output)} entries, "
                          f"expected one per output res block ({n_in + levels})")
     if min(*c.transformer_depth, *c.transformer_depth_output, c.transformer_depth_middle) < 0:
@@ -269,7 +283,7 @@ def check_unet_config(c: UNetConfig) -> None:
                              f"(model_channels {c.model_channels} x channel_mult {c.channel_mult})")
     if c.adm_in_channels is not None and c.adm_in_channels < 1:
         raise ValueError(f"adm_in_channels {c.adm_in_channels} must be positive or None")
-    chans = _transformer_channels(c)
+    chans = _transformer_channels(c, encoder_only)
     if not chans:
         return
     if c.context_dim < 1:
@@ -286,6 +300,71 @@ def check_unet_config(c: UNetConfig) -> None:
         raise ValueError("set num_heads or num_head_channels: the UNet has attention layers")
     if bad:
         raise ValueError(f"transformer width {bad[0]} is not divisible by {what}")
+
+
+# ---------------------------------------------------------------------------- building the encoder side
+# Shared by UNetModel and the ControlNet (controlnet.py), which copies the UNet's encoder.
+
+def make_time_embed(c: UNetConfig, *, dtype=None, device=None) -> nn.Sequential:
+    """`time_embed`: Linear(model_channels -> 4x), SiLU, Linear."""
+    f = dict(dtype=dtype, device=device)
+    mc, ted = c.model_channels, c.time_embed_dim
+    return nn.Sequential(nn.Linear(mc, ted, **f), nn.SiLU(), nn.Linear(ted, ted, **f))
+
+
+def make_label_emb(c: UNetConfig, *, dtype=None, device=None) -> nn.Sequential | None:
+    """SDXL's `label_emb` (ADM vector -> time embedding width), None for SD1/SD2.
+
+    sgm num_classes="sequential": a Sequential inside a Sequential (keys `label_emb.0.0`, `label_emb.0.2`).
+    """
+    if c.adm_in_channels is None:
+        return None
+    f = dict(dtype=dtype, device=device)
+    ted = c.time_embed_dim
+    return nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, ted, **f), nn.SiLU(), nn.Linear(ted, ted, **f)))
+
+
+def _make_transformer(c: UNetConfig, ch: int, depth: int, f: dict) -> SpatialTransformer:
+    heads, dim_head = c.heads_for(ch)
+    return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer, **f)
+
+
+def make_input_blocks(c: UNetConfig, *, dtype=None, device=None) -> tuple[nn.ModuleList, list[int]]:
+    """`input_blocks` and the channel count of each block's output (its skip).
+
+    conv_in, then per level `num_res_blocks` x [ResBlock (+ transformer)], and a Downsample
+    between levels.
+    """
+    f = dict(dtype=dtype, device=device)
+    mc, ted = c.model_channels, c.time_embed_dim
+    blocks = [UNetBlock([nn.Conv2d(c.in_channels, mc, 3, padding=1, **f)])]
+    chans = [mc]
+    ch = mc
+    depths = iter(c.transformer_depth)
+    last = len(c.channel_mult) - 1
+    for level, (mult, n) in enumerate(zip(c.channel_mult, c.num_res_blocks)):
+        for _ in range(n):
+            layers: list[nn.Module] = [ResBlock(ch, ted, mc * mult, **f)]
+            ch = mc * mult
+            if depth := next(depths):
+                layers.append(_make_transformer(c, ch, depth, f))
+            blocks.append(UNetBlock(layers))
+            chans.append(ch)
+        if level != last:
+            blocks.append(UNetBlock([Downsample(ch, **f)]))
+            chans.append(ch)
+    return nn.ModuleList(blocks), chans
+
+
+def make_middle_block(c: UNetConfig, *, dtype=None, device=None) -> UNetBlock:
+    """ResBlock, transformer, ResBlock at the deepest level's width.
+
+    sgm's disable_middle_transformer keeps index 2 for the second ResBlock (Identity at 1).
+    """
+    f = dict(dtype=dtype, device=device)
+    ch, ted = c.model_channels * c.channel_mult[-1], c.time_embed_dim
+    middle = _make_transformer(c, ch, c.transformer_depth_middle, f) if c.transformer_depth_middle else nn.Identity()
+    return UNetBlock([ResBlock(ch, ted, ch, **f), middle, ResBlock(ch, ted, ch, **f)])
 
 
 # ---------------------------------------------------------------------------- the model
@@ -307,39 +386,12 @@ class UNetModel(nn.Module):
         f = dict(dtype=dtype, device=device)
         mc, ted = c.model_channels, c.time_embed_dim
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted, **f), nn.SiLU(), nn.Linear(ted, ted, **f))
-        self.label_emb = None
-        if c.adm_in_channels is not None:  # sgm num_classes="sequential": nested Sequential
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(c.adm_in_channels, ted, **f), nn.SiLU(), nn.Linear(ted, ted, **f)))
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = c.heads_for(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer, **f)
-
-        # Input side: conv_in, then per level `num_res_blocks` x [ResBlock (+ transformer)],
-        # and a Downsample between levels. Every block's output is a skip.
-        blocks = [UNetBlock([nn.Conv2d(c.in_channels, mc, 3, padding=1, **f)])]
-        skip_chans = [mc]
-        ch = mc
-        depths = iter(c.transformer_depth)
-        last = len(c.channel_mult) - 1
-        for level, (mult, n) in enumerate(zip(c.channel_mult, c.num_res_blocks)):
-            for _ in range(n):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mc * mult, **f)]
-                ch = mc * mult
-                if depth := next(depths):
-                    layers.append(transformer(ch, depth))
-                blocks.append(UNetBlock(layers))
-                skip_chans.append(ch)
-            if level != last:
-                blocks.append(UNetBlock([Downsample(ch, **f)]))
-                skip_chans.append(ch)
-        self.input_blocks = nn.ModuleList(blocks)
-
-        # sgm's disable_middle_transformer keeps index 2 for the second ResBlock.
-        middle = transformer(ch, c.transformer_depth_middle) if c.transformer_depth_middle else nn.Identity()
-        self.middle_block = UNetBlock([ResBlock(ch, ted, ch, **f), middle, ResBlock(ch, ted, ch, **f)])
+        self.time_embed = make_time_embed(c, **f)
+        self.label_emb = make_label_emb(c, **f)
+        # Input side: every block's output is a skip.
+        self.input_blocks, skip_chans = make_input_blocks(c, **f)
+        self.middle_block = make_middle_block(c, **f)
+        ch = skip_chans[-1]
 
         # Output side: levels in reverse, `num_res_blocks + 1` blocks each, every one
         # eating one skip; the last block of each level but level 0 upsamples.
@@ -350,7 +402,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), ted, mc * mult, **f)]
                 ch = mc * mult
                 if depth := next(depths):
-                    layers.append(transformer(ch, depth))
+                    layers.append(_make_transformer(c, ch, depth, f))
                 if level and i == n:
                     layers.append(Upsample(ch, **f))
                 blocks.append(UNetBlock(layers))
@@ -365,7 +417,11 @@ class UNetModel(nn.Module):
         return self.out[0].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: Callable[..., ControlResiduals | None] | None = None
+                ) -> torch.Tensor:
+        """`control(x, timesteps, context, y)`: a ControlNet's residuals for some rows of the batch
+        (controlnet.py), added to the skip connections and the middle block's output as ldm's
+        ControlledUnetModel adds them; None leaves the net as it is."""
         if (y is None) != (self.label_emb is None):
             raise ValueError("y (SDXL pooled + size conditioning) must be given exactly when the UNet has label_emb "
                              f"(adm_in_channels={self.config.adm_in_channels})")
@@ -379,12 +435,22 @@ class UNetModel(nn.Module):
         if context is not None:
             context = context.to(dtype)
 
+        extra = control(x, timesteps, context, y) if control is not None else None
         h = x.to(dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if extra is not None:
+            # Every block output is a fresh tensor that only the skip list still holds, so the
+            # residuals go in place into the controlled rows (the other rows stay bit for bit).
+            if len(extra.residuals) != len(skips) + 1:
+                raise ValueError(f"the ControlNet gives {len(extra.residuals)} residuals; this UNet takes "
+                                 f"{len(skips) + 1} ({len(skips)} skips and the middle block)")
+            for skip, residual in zip(skips, extra.residuals):
+                skip[extra.rows].add_(residual)       # a view: no write-back copy
+            h[extra.rows].add_(extra.residuals[-1])
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # Upsample to the next skip's size (odd latent sides round down on the way in).

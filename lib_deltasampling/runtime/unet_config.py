@@ -4,10 +4,15 @@ Everything structural is read from the state dict, so a tiny test model with the
 real key layout goes through the same path as a 2.6 B-parameter SDXL checkpoint.
 The one thing shapes cannot tell is how attention splits into heads; the family
 decides it (SD1: 8 heads; SD2 and SDXL: 64 channels per head), passed in by the caller.
+
+A ControlNet is a copy of the UNet's encoder (input blocks and middle block); its config is
+derived with `encoder_only=True` and has no output side (`out_channels` 0,
+`transformer_depth_output` empty).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -18,12 +23,12 @@ from .checkpoint import TensorStore
 @dataclass(frozen=True)
 class UNetConfig:
     in_channels: int
-    out_channels: int
+    out_channels: int                          # 0 in an encoder-only config (ControlNet)
     model_channels: int
     channel_mult: tuple[int, ...]              # per level
     num_res_blocks: tuple[int, ...]            # per level
     transformer_depth: tuple[int, ...]         # per input res block, in order; 0 = no transformer
-    transformer_depth_output: tuple[int, ...]  # per output res block, in order; 0 = no transformer
+    transformer_depth_output: tuple[int, ...]  # per output res block, in order; 0 = no transformer; () encoder-only
     transformer_depth_middle: int              # 0 = middle block has no transformer
     context_dim: int
     num_heads: int | None = None               # fixed head count (SD1)...
@@ -34,6 +39,11 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
+
+    def encoder(self) -> "UNetConfig":
+        """This config without its output side: what an encoder-only config of the same UNet
+        (a ControlNet made from it) compares equal to."""
+        return dataclasses.replace(self, out_channels=0, transformer_depth_output=())
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, channels per head) of a transformer with `channels` channels."""
@@ -50,14 +60,22 @@ def _count_transformer_blocks(store: TensorStore, block: str) -> int:
 
 
 def unet_config_from_store(store: TensorStore, *, num_heads: int | None = None,
-                           num_head_channels: int | None = None) -> UNetConfig:
-    """Derive a `UNetConfig` from a store holding the UNet keys without their prefix."""
+                           num_head_channels: int | None = None, encoder_only: bool = False) -> UNetConfig:
+    """Derive a `UNetConfig` from a store holding the UNet keys without their prefix.
+
+    `encoder_only`: read only the input blocks and the middle block (a ControlNet, which has
+    no output side); the result has `out_channels` 0 and no `transformer_depth_output`.
+    """
     path = store.path or "(in memory)"
-    if "input_blocks.0.0.weight" not in store or "out.2.weight" not in store:
+    if encoder_only:
+        if "input_blocks.0.0.weight" not in store:
+            raise ModelFileError(path, "no LDM UNet encoder found (input_blocks.0.0 missing)",
+                                 "The file is damaged or not a supported model")
+    elif "input_blocks.0.0.weight" not in store or "out.2.weight" not in store:
         raise ModelFileError(path, "no LDM UNet found (input_blocks.0.0 / out.2 missing)",
                              "Use a single-file SD1.x, SD2.x or SDXL checkpoint")
     model_channels, in_channels = store.shape("input_blocks.0.0.weight")[:2]
-    out_channels = store.shape("out.2.weight")[0]
+    out_channels = 0 if encoder_only else store.shape("out.2.weight")[0]
 
     channel_mult: list[int] = []
     num_res_blocks: list[int] = []
@@ -81,10 +99,10 @@ def unet_config_from_store(store: TensorStore, *, num_heads: int | None = None,
 
     transformer_depth_output: list[int] = []
     j = 0
-    while f"output_blocks.{j}.0.in_layers.0.weight" in store:
+    while not encoder_only and f"output_blocks.{j}.0.in_layers.0.weight" in store:
         transformer_depth_output.append(_count_transformer_blocks(store, f"output_blocks.{j}.1"))
         j += 1
-    if j != sum(num_res_blocks) + len(num_res_blocks):
+    if not encoder_only and j != sum(num_res_blocks) + len(num_res_blocks):
         raise ModelFileError(path, f"UNet has {j} output blocks, expected {sum(num_res_blocks) + len(num_res_blocks)}",
                              "The checkpoint is damaged or unsupported")
 

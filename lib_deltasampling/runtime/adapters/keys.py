@@ -22,8 +22,8 @@ order, as open_clip's `nn.MultiheadAttention` and diffusers' `convert_open_clip_
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable
 
 from torch import nn
 
@@ -130,27 +130,37 @@ class Target:
 _RESNET_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2",
                  "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}
 
-_UNET_FIXED = {
-    "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+# Encoder side (the part a ControlNet copies), then the output head.
+_ENCODER_FIXED = {
+    "input_blocks.0.0": "conv_in",
     "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
     "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",  # SDXL text_time
     "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
     "middle_block.2": "mid_block.resnets.1",
 }
+_UNET_FIXED = {**_ENCODER_FIXED, "out.0": "conv_norm_out", "out.2": "conv_out"}
+
+# ControlNet-only layers (cldm -> diffusers ControlNetModel): the hint encoder's convs sit at
+# even indices of `input_hint_block` (SiLU between), one zero conv per input block, one after the middle.
+_CONTROLNET_FIXED = {
+    "input_hint_block.0": "controlnet_cond_embedding.conv_in",
+    **{f"input_hint_block.{2 * (i + 1)}": f"controlnet_cond_embedding.blocks.{i}" for i in range(6)},
+    "input_hint_block.14": "controlnet_cond_embedding.conv_out",
+    "middle_block_out.0": "controlnet_mid_block",
+}
 
 
-def unet_block_names(config) -> dict[str, str]:
-    """LDM block prefix -> diffusers prefix, from the block layout of a `UNetConfig`.
+def encoder_block_names(num_res_blocks: Sequence[int]) -> dict[str, str]:
+    """LDM block prefix -> diffusers prefix for the encoder side (embeddings, input blocks, middle
+    block) of a UNet with `num_res_blocks[i]` res blocks at level i.
 
-    Input side: after conv_in, level i has `num_res_blocks[i]` blocks [ResBlock (+ transformer)]
-    then (but the last level) a Downsample block. Output side: levels deepest first, each with
-    `num_res_blocks + 1` blocks, the last of each level but level 0 ending with an Upsample at
-    index 1, or 2 when the block has a transformer.
+    After conv_in, level i has `num_res_blocks[i]` blocks [ResBlock (+ transformer)] then (but
+    the last level) a Downsample block.
     """
-    names = dict(_UNET_FIXED)
-    levels = len(config.channel_mult)
+    names = dict(_ENCODER_FIXED)
+    levels = len(num_res_blocks)
     k = 1
-    for i, n in enumerate(config.num_res_blocks):
+    for i, n in enumerate(num_res_blocks):
         for j in range(n):
             names[f"input_blocks.{k}.0"] = f"down_blocks.{i}.resnets.{j}"
             names[f"input_blocks.{k}.1"] = f"down_blocks.{i}.attentions.{j}"
@@ -158,6 +168,18 @@ def unet_block_names(config) -> dict[str, str]:
         if i != levels - 1:
             names[f"input_blocks.{k}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
             k += 1
+    return names
+
+
+def unet_block_names(config) -> dict[str, str]:
+    """LDM block prefix -> diffusers prefix, from the block layout of a `UNetConfig`.
+
+    Input side: `encoder_block_names`. Output side: levels deepest first, each with
+    `num_res_blocks + 1` blocks, the last of each level but level 0 ending with an Upsample at
+    index 1, or 2 when the block has a transformer.
+    """
+    names = {**encoder_block_names(config.num_res_blocks), **_UNET_FIXED}
+    levels = len(config.channel_mult)
     k = 0
     for i, level in enumerate(reversed(range(levels))):
         n = config.num_res_blocks[level]
@@ -172,16 +194,50 @@ def unet_block_names(config) -> dict[str, str]:
     return names
 
 
-def _diffusers_name(ldm_name: str, blocks: dict[str, str]) -> str | None:
-    parts = ldm_name.split(".")
-    for cut in range(len(parts), 0, -1):  # longest block prefix first
-        head = ".".join(parts[:cut])
+def controlnet_block_names(num_res_blocks: Sequence[int]) -> dict[str, str]:
+    """LDM (cldm `ControlNet`) block prefix -> diffusers `ControlNetModel` prefix: the encoder's
+    names plus the hint encoder, a zero conv per input block and the middle block's output conv."""
+    names = {**encoder_block_names(num_res_blocks), **_CONTROLNET_FIXED}
+    n_input = 1 + sum(num_res_blocks) + len(num_res_blocks) - 1
+    names.update({f"zero_convs.{k}.0": f"controlnet_down_blocks.{k}" for k in range(n_input)})
+    return names
+
+
+_RESNET_PARTS_INVERSE = {v: k for k, v in _RESNET_PARTS.items()}
+
+
+def _rename(name: str, blocks: dict[str, str], parts: dict[str, str]) -> str | None:
+    """`name` with its longest block prefix replaced by `blocks[prefix]`, and inside a resnet
+    block its leading layer name by `parts[layer]`; None if no block prefix matches."""
+    pieces = name.split(".")
+    for cut in range(len(pieces), 0, -1):  # longest block prefix first
+        head = ".".join(pieces[:cut])
         if head in blocks:
-            rest = ".".join(parts[cut:])
-            if ".resnets." in blocks[head] and rest in _RESNET_PARTS:
-                rest = _RESNET_PARTS[rest]
-            return blocks[head] + ("." + rest if rest else "")
+            rest = pieces[cut:]
+            if ".resnets." in head or ".resnets." in blocks[head]:
+                for n in range(len(rest), 0, -1):
+                    layer = ".".join(rest[:n])
+                    if layer in parts:
+                        rest = [parts[layer], *rest[n:]]
+                        break
+            return ".".join([blocks[head], *rest])
     return None
+
+
+def _diffusers_name(ldm_name: str, blocks: dict[str, str]) -> str | None:
+    return _rename(ldm_name, blocks, _RESNET_PARTS)
+
+
+def ldm_names_from_diffusers(keys: Iterable[str], blocks: dict[str, str]) -> dict[str, str | None]:
+    """{diffusers key: LDM key, or None where no block of `blocks` (LDM -> diffusers prefixes,
+    as `unet_block_names` / `controlnet_block_names` give them) names it}.
+
+    Works on parameter keys (`down_blocks.0.resnets.1.norm1.weight` -> `input_blocks.2.0.in_layers.0.weight`):
+    only block prefixes and resnet layer names differ between the two layouts; attention
+    internals (`transformer_blocks.0.attn1.to_q`, `proj_in`, `norm`) are named alike.
+    """
+    inverse = {v: k for k, v in blocks.items()}
+    return {key: _rename(key, inverse, _RESNET_PARTS_INVERSE) for key in keys}
 
 
 def _holds_weight(module: nn.Module) -> bool:
