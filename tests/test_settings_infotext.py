@@ -13,12 +13,14 @@ import pytest
 from lib_deltasampling.engine import settings as settings_module
 from lib_deltasampling.engine.infotext import (EXTRA_KEYS, format_hashes, format_parameters, parse_hashes,
                                                parse_parameters, settings_from_infotext, settings_to_infotext)
-from lib_deltasampling.engine.settings import FIELDS, KINDS, XYZ_FIELDS, DeltaSettings, FieldSpec, field
+from lib_deltasampling.engine.settings import (CONTROL_FIELDS, FIELD_BY_NAME, FIELDS, KINDS, XYZ_FIELDS, DeltaSettings,
+                                              FieldSpec, field)
 from lib_deltasampling.runtime.names import path_problem
 from lib_deltasampling.errors import SettingError
 from test_png import A1111_RE_PARAM, a1111_create_infotext, a1111_parse_generation_parameters
 
-PYTHON_TYPE = {"bool": bool, "float": float, "int": int, "choice": str, "text": str, "checkpoint": str}
+PYTHON_TYPE = {"bool": bool, "float": float, "int": int, "choice": str, "text": str, "checkpoint": str,
+               "controlnet": str, "image": typing.Any}
 
 
 # ---------------------------------------------------------------- one definition
@@ -87,7 +89,9 @@ def test_defaults():
     assert s.to_dict() == {
         "enabled": False, "source_checkpoint": "", "adapted_checkpoint": "", "adapters": "", "source_prompt": "",
         "source_negative": "", "scale": 1.0, "start": 0.0, "end": 1.0, "schedule": "constant", "source_cfg": 0.0,
-        "guidance": "full", "reuse": 1, "hires": True, "resolution": "target"}
+        "guidance": "full", "reuse": 1, "hires": True, "resolution": "target", "control_model": "",
+        "control_image": "", "control_weight": 1.0, "control_start": 0.0, "control_end": 1.0,
+        "control_mode": "balanced"}
     assert DeltaSettings.from_dict({}) == s and list(s.to_dict()) == [f.name for f in FIELDS]
 
 
@@ -202,8 +206,13 @@ def random_settings(rng: random.Random) -> DeltaSettings:
     for f in FIELDS:
         if f.kind == "choice":
             values[f.name] = rng.choice(f.choices)
-        elif f.kind in ("text", "checkpoint"):
-            values[f.name] = random_text(rng, f.kind == "checkpoint") if rng.random() < 0.8 else ""
+        elif f.kind in ("text", "checkpoint", "controlnet"):
+            values[f.name] = random_text(rng, f.kind != "text") if rng.random() < 0.8 else ""
+    if values["control_model"]:
+        values["control_weight"] = number(0.0, 2.0)
+        values["control_start"], values["control_end"] = sorted(rng.sample([0.0, 1.0, 0.5, rng.random()], 2))
+    else:   # without a ControlNet its settings are not written: they read back as the defaults
+        values.update({name: FIELD_BY_NAME[name].default for name in CONTROL_FIELDS})
     return DeltaSettings.from_dict(values)
 
 

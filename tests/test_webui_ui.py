@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from lib_deltasampling.engine.infotext import SOURCE_HASH, format_parameters, settings_to_infotext
-from lib_deltasampling.engine.settings import FIELDS, DeltaSettings
+from lib_deltasampling.engine.settings import CONTROL_FIELDS, FIELD_BY_NAME, FIELDS, DeltaSettings
 
 TITLE = "Delta Sampling"
 TABS = ("txt2img", "img2img")
@@ -69,13 +69,24 @@ def random_settings(rng: random.Random) -> DeltaSettings:
             values[spec.name] = rng.randint(int(spec.minimum), int(spec.maximum))
         elif spec.kind == "choice":
             values[spec.name] = rng.choice(spec.choices)
+        elif spec.kind == "controlnet":
+            values[spec.name] = rng.choice(["", "control_canny-sd15"])
+        elif spec.kind == "image":
+            values[spec.name] = ""      # never in infotext or a paste
         elif spec.kind == "checkpoint":
             values[spec.name] = rng.choice(["", *CHECKPOINTS])
         else:
             values[spec.name] = rng.choice(TEXTS)
     values["start"], values["end"] = sorted(rng.sample([0.0, 0.05, 0.25, 1 / 3, 0.5, 0.77, 1.0], 2))
     values["enabled"] = True
+    values["control_start"], values["control_end"] = sorted(rng.sample([0.0, 0.2, 0.5, 1.0], 2))
+    if not values["control_model"]:   # without a ControlNet its settings are not in infotext: the defaults
+        values.update({name: FIELD_BY_NAME[name].default for name in CONTROL_FIELDS})
     return DeltaSettings(**values)
+
+
+def image_controls(script) -> list:
+    return [c for f, c in zip(FIELDS, script.controls) if f.kind == "image"]
 
 
 def infotext_for(s: DeltaSettings, extra: dict | None = None) -> str:
@@ -116,8 +127,10 @@ def test_controls_are_generated_from_fields_in_their_order(host, tab):
             assert isinstance(control, gr.Radio) and [v for _, v in control.choices] == list(spec.choices)
         elif spec.kind == "bool":
             assert isinstance(control, gr.Checkbox)
-        elif spec.kind == "checkpoint":
+        elif spec.kind in ("checkpoint", "controlnet"):
             assert isinstance(control, gr.Dropdown)
+        elif spec.kind == "image":
+            assert isinstance(control, gr.Image) and control.type == "numpy" and control.value is None
         else:
             assert isinstance(control, gr.Textbox)
     assert [c.value for c in controls] == args.ui_defaults()
@@ -215,7 +228,8 @@ def test_paste_restores_every_control_exactly(host, tab):
     for _ in range(30):
         s = random_settings(rng)
         updates = host.paste(infotext_for(s), tab)
-        pasted = [updates[c]["value"] for c in script.controls]
+        assert all(c not in updates for c in image_controls(script))   # a paste leaves the image
+        pasted = [updates[c]["value"] if c in updates else c.value for c in script.controls]
         assert pasted == expected_control_values(host, s)
         assert pasted[0] is True
         assert args.settings_from_script_args(pasted, source="UI") == s
@@ -235,7 +249,9 @@ def test_api_infotext_field_gives_typed_args(host):
         mentioned = {}
         request = SimpleNamespace(infotext=infotext_for(s))
         api.apply_infotext(request, "txt2img", script_runner=runner, mentioned_script_args=mentioned)
-        values = [mentioned[i] for i in range(script.args_from, script.args_to)]
+        values = [mentioned.get(i, control.value) for i, control in zip(range(script.args_from, script.args_to),
+                                                                         script.controls)]
+        assert all(i not in mentioned for i, f in enumerate(FIELDS, script.args_from) if f.kind == "image")
         for value, control in zip(values, script.controls):
             assert type(value) is type(control.value), (value, control.elem_id)
         assert args.settings_from_script_args(values, source="API") == s
@@ -244,10 +260,13 @@ def test_api_infotext_field_gives_typed_args(host):
 def test_paste_field_names_let_send_to_copy_every_control(host):
     runner = host.scripts.scripts_txt2img
     names = webui("paste").paste_field_names()
-    assert names == [f.infotext for f in FIELDS] and set(names) <= set(runner.paste_field_names)
+    pasted = [f for f in FIELDS if f.kind != "image"]   # the control image is not in infotext
+    assert names == [f.infotext for f in pasted] and set(names) <= set(runner.paste_field_names)
     fields = host.infotext_utils.paste_fields["txt2img"]["fields"]
     # connect_paste_params_buttons: `[field for field, name in fields if name in paste_field_names]`
-    assert [f for f, name in fields if name in names] == ds_script(host, "txt2img").controls
+    script = ds_script(host, "txt2img")
+    assert [f for f, name in fields if name in names] == [c for c in script.controls
+                                                          if c not in image_controls(script)]
 
 
 def test_paste_maps_checkpoint_names_to_host_titles(host, caplog):
@@ -281,7 +300,7 @@ def test_malformed_infotext_warns_and_restores_the_rest(host, caplog):
             "Delta hires: maybe, Delta frobnicate: 3, Delta adapters: \"<lora:x:1\", Delta source: \"bad\\u0001\"")
     with caplog.at_level(logging.WARNING, logger="delta-sampling"):
         updates = host.paste(text)
-    got = {name: updates[c].get("value") for name, c in zip(names, script.controls)}
+    got = {name: updates[c].get("value") for name, c in zip(names, script.controls) if c in updates}
     default = DeltaSettings()
     assert got["enabled"] is True and got["guidance"] == "cond" and got["source_cfg"] == 4.5
     assert got["adapters"] == "<lora:x:1"
@@ -297,7 +316,7 @@ def test_infotext_without_delta_keys_turns_off_and_leaves_the_rest(host):
     script = ds_script(host, "txt2img")
     updates = host.paste("a fox\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 3")
     assert updates[script.controls[0]] == {"value": False, "__type__": "generic_update"}
-    assert all("value" not in updates[c] for c in script.controls[1:])
+    assert all("value" not in updates.get(c, {}) for c in script.controls[1:])
 
 
 def test_settings_are_read_once_per_paste(host, monkeypatch):

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SettingError
-from .settings import FIELD_BY_INFOTEXT, FIELDS, DeltaSettings, FieldSpec, field
+from .settings import CONTROL_FIELDS, FIELD_BY_INFOTEXT, FIELDS, NAME_KINDS, DeltaSettings, FieldSpec, field
 
 # A1111 1.10.1 modules/infotext_utils.py
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -40,7 +40,8 @@ RE_KEY = re.compile(r"\w[\w \-/]+")
 SOURCE_HASH = "Delta source hash"
 ADAPTED_HASH = "Delta adapted hash"
 ADAPTER_HASHES = "Delta adapter hashes"
-EXTRA_KEYS = (SOURCE_HASH, ADAPTED_HASH, ADAPTER_HASHES)
+CONTROL_HASH = "Delta control hash"      # the ControlNet file (the image's hash is a setting's key)
+EXTRA_KEYS = (SOURCE_HASH, ADAPTED_HASH, ADAPTER_HASHES, CONTROL_HASH)
 PREFIX = "Delta "
 
 
@@ -137,8 +138,10 @@ def settings_to_infotext(s: DeltaSettings, extra: Mapping[str, str] | None = Non
     out = {}
     for spec in FIELDS:
         value = getattr(s, spec.name)
-        if spec.kind in ("text", "checkpoint") and value == "":
+        if spec.kind in ("text", *NAME_KINDS, "image") and value == "":
             continue
+        if spec.name in CONTROL_FIELDS and not s.control_model:
+            continue            # no ControlNet: its settings are not part of the image
         out[spec.infotext] = infotext_value(spec.infotext, spec.format(value))
     for key, value in (extra or {}).items():
         if not RE_KEY.fullmatch(key) or key in FIELD_BY_INFOTEXT:
@@ -153,7 +156,7 @@ def _raw_value(params: Mapping[str, Any], spec: FieldSpec) -> str | None:
         value = params[spec.infotext]
         return None if value is None else str(value)
     first, second = params.get(f"{spec.infotext}-1"), params.get(f"{spec.infotext}-2")
-    if spec.kind in ("text", "checkpoint") and first is not None and second is not None:
+    if spec.kind in ("text", *NAME_KINDS) and first is not None and second is not None:
         return f"{first}x{second}"      # A1111 split an `NxM` text into two entries
     return None
 
@@ -170,7 +173,7 @@ def settings_from_infotext(params: Mapping[str, Any]) -> tuple[DeltaSettings, li
     values: dict[str, Any] = {}
     for spec in FIELDS:
         raw = _raw_value(params, spec)
-        if raw is None:
+        if raw is None or spec.kind == "image":   # an image is never in infotext, only its hash
             continue
         try:
             values[spec.name] = spec.parse(raw, "infotext")

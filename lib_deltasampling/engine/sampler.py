@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DeltaSamplingError, SettingError
+from ..runtime.control import SourceControl
 from ..runtime.graphs import GraphedCall
 from ..runtime.pair import PairConditioning, SourcePair
 from ..runtime.text.encode import EmbeddingVectors
@@ -143,7 +144,8 @@ class DeltaSampler:
                  cfg_scale: float, target_scale: float, noise: torch.Tensor, noise_multiplier: float,
                  sigma0: float, source_size: tuple[int, int] | None = None,
                  generate_mask: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None,
-                 stats: SourceStats | None = None, cuda_graphs: bool = True) -> None:
+                 stats: SourceStats | None = None, cuda_graphs: bool = True,
+                 control: SourceControl | None = None) -> None:
         params.check()
         self.pair = pair
         self.segments = list(segments)
@@ -161,6 +163,10 @@ class DeltaSampler:
         self.stats = stats if stats is not None else SourceStats()  # shared by the passes of a generation
         placement = getattr(pair.base, "placement", None)
         self.source_device = placement.device if placement is not None else None
+        self.control = control
+        # the hint at this pass's source size, made once (a hires pass builds its own sampler)
+        self._control = (control.prepare(self.source_size, placement.device, placement.dtype)
+                         if control is not None else None)
         self._plan(steps)
         self._delta: torch.Tensor | None = None
         # The whole per-step source computation as one CUDA graph (eager elsewhere): launch-bound
@@ -184,7 +190,8 @@ class DeltaSampler:
                 adapted_embeddings: Mapping[str, EmbeddingVectors] | None = None,
                 generate_mask: torch.Tensor | None = None,
                 should_stop: Callable[[], bool] | None = None,
-                stats: SourceStats | None = None, cuda_graphs: bool = True) -> "DeltaSampler":
+                stats: SourceStats | None = None, cuda_graphs: bool = True,
+                control: SourceControl | None = None) -> "DeltaSampler":
         """Encode every prompt-editing segment of both branches once, then build the sampler.
         `noise` is the initial unit noise [B, C, h, w] at the target's latent size."""
         params.check()
@@ -206,7 +213,8 @@ class DeltaSampler:
             start = end + 1
         return cls(pair, segments, params, steps=steps, cfg_scale=cfg_scale, target_scale=target_scale, noise=noise,
                    noise_multiplier=noise_multiplier, sigma0=sigma0, source_size=source_size,
-                   generate_mask=generate_mask, should_stop=should_stop, stats=stats, cuda_graphs=cuda_graphs)
+                   generate_mask=generate_mask, should_stop=should_stop, stats=stats, cuda_graphs=cuda_graphs,
+                   control=control)
 
     @contextmanager
     def running(self) -> Iterator["DeltaSampler"]:
@@ -230,7 +238,7 @@ class DeltaSampler:
         if self.weight(step) == 0.0 or not (self._delta is None or self.compute[step]):
             return
         launched = self._source_delta.launch(x, self._sigma_rows(x, sigma), self.conds_at(step),
-                                             timing=self.stats.cuda_events)
+                                             self._control_on(step), timing=self.stats.cuda_events)
         if launched is not None:  # else eager, or not captured yet: the call computes it
             self._prefetched = (step, x, launched)
 
@@ -260,12 +268,18 @@ class DeltaSampler:
         """bridge * (D_A - D_S) at the target's latent size, for latent x at noise level sigma.
         On CUDA the result is a graph's output buffer: valid until the next call."""
         with self.stats.measure(self.source_device or x.device):
-            return self._source_delta(x, self._sigma_rows(x, sigma), self.conds_at(step))
+            return self._source_delta(x, self._sigma_rows(x, sigma), self.conds_at(step), self._control_on(step))
 
-    def _source_delta_eager(self, x: torch.Tensor, sigma: torch.Tensor, conds: PairConditioning) -> torch.Tensor:
+    def _control_on(self, step: int) -> bool:
+        """Whether the ControlNet applies at `step` (a constant of the graph's signature)."""
+        return self.control is not None and self.control.active(step, self.steps)
+
+    def _source_delta_eager(self, x: torch.Tensor, sigma: torch.Tensor, conds: PairConditioning,
+                            control_on: bool = False) -> torch.Tensor:
         x_s = source_input(x, self.noise, sigma, self.noise_per_sigma, self.target_scale, self.source_scale)
         x_s = resize_latent(x_s, self.source_size)
-        outs = self.pair.denoise(x_s, sigma, conds)
+        outs = (self.pair.denoise(x_s, sigma, conds, self._control) if control_on
+                else self.pair.denoise(x_s, sigma, conds))
         if self.params.guidance == "full":
             delta = source_delta(*outs, self.cfg)
         else:

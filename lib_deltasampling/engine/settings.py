@@ -24,9 +24,11 @@ from ..errors import SettingError
 from ..runtime.names import path_problem
 from .schedule import SHAPES
 
-KINDS = ("bool", "float", "int", "choice", "text", "checkpoint")
+KINDS = ("bool", "float", "int", "choice", "text", "checkpoint", "controlnet", "image")
+NAME_KINDS = ("checkpoint", "controlnet")   # a model file named as the WebUI lists it
 GUIDANCE_MODES = ("full", "cond")
 RESOLUTIONS = ("target", "native")
+CONTROL_MODES = ("balanced", "prompt", "control")   # runtime/control.py (sd-webui-controlnet's three modes)
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -70,6 +72,10 @@ class FieldSpec:
             return "Use true or false"
         if self.kind == "checkpoint":
             return "Use the checkpoint's name as the WebUI lists it (empty for none)"
+        if self.kind == "controlnet":
+            return "Use the ControlNet model's name as the WebUI lists it (empty for none)"
+        if self.kind == "image":
+            return "Use an image: base64 PNG/JPEG/WebP data (a data: URL works), or empty for none"
         return "Use text (empty for the default)"
 
     def _error(self, value: Any, problem: str, source: str) -> SettingError:
@@ -99,6 +105,8 @@ class FieldSpec:
             if not self.minimum <= number <= self.maximum:
                 raise self._error(value, f"is outside {_num(self.minimum)} to {_num(self.maximum)}", source)
             return number
+        if kind == "image":
+            return ControlImage.of(value, self.subject(source))
         if not isinstance(value, str):
             raise self._error(value, f"is a {type(value).__name__}, not text", source)
         if kind == "choice":
@@ -130,6 +138,8 @@ class FieldSpec:
             return "True" if value else "False"
         if self.kind == "float":
             return repr(float(value))
+        if self.kind == "image":
+            return value.short_hash if value else ""
         return str(value)
 
 
@@ -140,12 +150,56 @@ def _check_text(spec: FieldSpec, value: str, source: str) -> None:
     except UnicodeEncodeError:
         raise SettingError(spec.subject(source), "contains characters that are not valid Unicode text "
                            "(e.g. bytes from a terminal in another encoding)", "Retype the text") from None
-    if spec.kind == "checkpoint":
+    if spec.kind in NAME_KINDS:
         problem = path_problem(value, subfolders=True)  # resolved only through the host's list, never as a path
         if problem:
             raise SettingError(spec.subject(source), f"{value!r} {problem}", spec.allowed())
     elif "\0" in value:
         raise SettingError(spec.subject(source), f"{value!r} contains the control character '\\x00'", "Remove it")
+
+
+class ControlImage:
+    """A control image as 8-bit RGB pixels [H, W, 3] (numpy), equal to another by content. Not
+    written into infotext (as sd-webui-controlnet does); its hash is."""
+
+    def __init__(self, pixels: Any, sha256: str) -> None:
+        self.pixels = pixels
+        self.sha256 = sha256
+
+    @classmethod
+    def of(cls, value: Any, what: str) -> "ControlImage | str":
+        """"" for none (None, ""), else the image: a ControlImage, base64 text or a data: URL, an array
+        (gradio's gr.Image), a PIL image, or gradio's {"image": ..., "mask": ...} editor value."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return ""
+        if isinstance(value, ControlImage):
+            return value
+        from ..runtime import images   # numpy (and Pillow when present): only when an image is given
+        if isinstance(value, Mapping) and "image" in value:
+            value = value["image"]
+        pixels = images.decode_base64(value.strip(), what) if isinstance(value, str) else images.rgb_pixels(value, what)
+        return cls(pixels, images.pixels_sha256(pixels))
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ControlImage) and other.sha256 == self.sha256
+
+    def __hash__(self) -> int:
+        return hash(self.sha256)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"ControlImage({self.pixels.shape[1]}x{self.pixels.shape[0]}, sha256 {self.short_hash})"
+
+    def tensor(self):
+        """[1, 3, H, W] float32 in 0..1 (torch imported here, not by the settings module)."""
+        import torch
+        return torch.from_numpy(self.pixels).permute(2, 0, 1)[None].float().div_(255.0)
 
 
 FIELDS: tuple[FieldSpec, ...] = (
@@ -194,9 +248,30 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("resolution", "Source resolution", "Delta source resolution", "target", "choice",
               "target: the source runs at the image's size; native: at its own training size, the delta resized.",
               choices=RESOLUTIONS, xyz="Delta source resolution"),
+    # ControlNet on the adapted source (issue 12); after the older fields so positional API args keep their places
+    FieldSpec("control_model", "ControlNet on the source (optional)", "Delta control", "", "controlnet",
+              "A ControlNet of the source's family, applied to the adapted source only: its effect reaches the "
+              "main model through the delta."),
+    FieldSpec("control_image", "Control image (already preprocessed)", "Delta control image hash", "", "image",
+              "The ControlNet's input, e.g. a canny edge map or a depth map; resized (crop and resize) to the "
+              "source's size."),
+    FieldSpec("control_weight", "Control weight", "Delta control weight", 1.0, "float",
+              "How strongly the ControlNet steers the adapted source.",
+              minimum=0.0, maximum=2.0, ui_minimum=0.0, ui_maximum=2.0, step=0.05, xyz="Delta control weight"),
+    FieldSpec("control_start", "Control start", "Delta control start", 0.0, "float",
+              "The fraction of the steps from which the ControlNet applies.",
+              minimum=0.0, maximum=1.0, ui_minimum=0.0, ui_maximum=1.0, step=0.01, xyz="Delta control start"),
+    FieldSpec("control_end", "Control end", "Delta control end", 1.0, "float",
+              "The fraction of the steps after which the ControlNet no longer applies.",
+              minimum=0.0, maximum=1.0, ui_minimum=0.0, ui_maximum=1.0, step=0.01, xyz="Delta control end"),
+    FieldSpec("control_mode", "Control mode", "Delta control mode", "balanced", "choice",
+              "As in sd-webui-controlnet: balanced; prompt (my prompt is more important); control (the ControlNet "
+              "is more important).",
+              choices=CONTROL_MODES, xyz="Delta control mode"),
 )
 
 FIELD_BY_NAME: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
+CONTROL_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.name.startswith("control_"))
 FIELD_BY_INFOTEXT: dict[str, FieldSpec] = {f.infotext: f for f in FIELDS}
 # X/Y/Z axes, the delta scale first, then the UI order.
 XYZ_FIELDS: tuple[FieldSpec, ...] = tuple(sorted((f for f in FIELDS if f.xyz), key=lambda f: f.name != "scale"))
@@ -214,6 +289,12 @@ def _check_window(values: Mapping[str, Any], source: str) -> None:
         raise SettingError(f'{where} "{s.label}" ({s.name}) and "{e.label}" ({e.name})',
                            f"start {start!r} is not before end {end!r}, so no step would get the delta",
                            "Make start smaller than end (both are fractions of the steps, 0 to 1)")
+    if values["control_start"] > values["control_end"]:
+        s, e = FIELD_BY_NAME["control_start"], FIELD_BY_NAME["control_end"]
+        where = f"Delta Sampling {source} settings" if source else "Delta Sampling settings"
+        raise SettingError(f'{where} "{s.label}" ({s.name}) and "{e.label}" ({e.name})',
+                           f"start {values['control_start']!r} is after end {values['control_end']!r}, so the "
+                           "ControlNet would apply at no step", "Make the control start at most the control end")
 
 
 def _unknown(name: object, source: str) -> SettingError:
@@ -256,6 +337,12 @@ class DeltaSettings:
     reuse: int = 1
     hires: bool = True
     resolution: str = "target"
+    control_model: str = ""               # "": no ControlNet
+    control_image: Any = ""               # ControlImage, or "" for none
+    control_weight: float = 1.0
+    control_start: float = 0.0            # fractions of the steps, both ends included
+    control_end: float = 1.0
+    control_mode: str = "balanced"
 
     def __post_init__(self) -> None:
         values = checked_values({f.name: getattr(self, f.name) for f in fields(self)})
@@ -286,3 +373,12 @@ class DeltaSettings:
                            guidance=self.guidance, reuse=self.reuse,
                            source_cfg=None if self.source_cfg == 0 else self.source_cfg,
                            resolution=self.resolution)
+
+    def control_problem(self) -> SettingError | None:
+        """Why the ControlNet settings cannot run (checked when a generation starts, not here: a
+        pasted infotext names the ControlNet but never carries the image)."""
+        if self.control_model and not self.control_image:
+            spec = FIELD_BY_NAME["control_image"]
+            return SettingError(spec.subject(), f"the ControlNet {self.control_model!r} is chosen but no control "
+                                "image is given", "Add the (preprocessed) control image, or choose no ControlNet")
+        return None

@@ -18,7 +18,7 @@ SCHEDULE_LABELS = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponen
 MAX_STEPS, MAX_BATCH, MAX_SIZE, MAX_CFG = 150, 8, 2048, 30.0
 # Settings given by their own flags (paths), implied by running `generate`, or without meaning
 # here (the runner has no hires pass).
-NOT_FLAGS = {"enabled", "source_checkpoint", "adapted_checkpoint", "hires"}
+NOT_FLAGS = {"enabled", "source_checkpoint", "adapted_checkpoint", "hires", "control_model", "control_image"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--target", type=Path, required=True, help="the model you generate with (SD1.x, SD2.x, SDXL)")
     models.add_argument("--source", type=Path, required=True, help="the source base checkpoint the adaptation was made for")
     models.add_argument("--adapted", type=Path, help="an adapted (fine-tuned) checkpoint of the source's family")
+    models.add_argument("--control", type=Path,
+                        help="a ControlNet of the source's family, applied to the adapted source (SD1.x/SD2.x/SDXL, "
+                             "lllyasviel or diffusers layout)")
+    models.add_argument("--control-image", type=Path,
+                        help="the ControlNet's input image, already preprocessed (an edge, depth or pose map)")
     models.add_argument("--vae", type=Path, help="VAE file for decoding (default: the target checkpoint's own)")
     models.add_argument("--lora-dir", type=Path, action="append", default=[],
                         help="folder holding the <lora:NAME> files (searched with its subfolders; repeatable)")
@@ -90,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> DeltaSettings:
     values: dict[str, object] = {"enabled": True, "source_checkpoint": args.source.name,
                                  "adapted_checkpoint": args.adapted.name if args.adapted else ""}
+    control = getattr(args, "control", None)
+    if control is not None:
+        values["control_model"] = control.stem   # the image itself is read by the generate command
     for spec in FIELDS:
         raw = getattr(args, f"ds_{spec.name}", None)
         if raw is not None:

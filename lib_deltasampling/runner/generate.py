@@ -24,13 +24,15 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..engine.infotext import ADAPTER_HASHES, ADAPTED_HASH, SOURCE_HASH, format_parameters, settings_to_infotext
+from ..engine.infotext import (ADAPTER_HASHES, ADAPTED_HASH, CONTROL_HASH, SOURCE_HASH, format_parameters,
+                               settings_to_infotext)
 from ..engine.sampler import DeltaSampler
-from ..engine.settings import DeltaSettings, field
+from ..engine.settings import ControlImage, DeltaSettings, field
 from ..errors import SettingError, UserError
 from ..runtime.adapters.apply import AdapterSet
 from ..runtime.adapters.tags import adapter_requests
 from ..runtime.checkpoint import open_store
+from ..runtime.control import SourceControl
 from ..runtime.detect import Family
 from ..runtime.model import Cond, SourceModel, load_model
 from ..runtime.names import find_named_file
@@ -62,7 +64,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _check_paths(args: argparse.Namespace) -> None:
     for flag, path in (("--target", args.target), ("--source", args.source), ("--adapted", args.adapted),
-                       ("--vae", args.vae)):
+                       ("--vae", args.vae), ("--control", args.control), ("--control-image", args.control_image)):
         if path is not None and not path.is_file():
             problem = "is a folder, not a model file" if path.is_dir() else "file not found"
             raise UserError(str(path), problem, f"Give {flag} the path of a model file")
@@ -140,11 +142,17 @@ def run(args: argparse.Namespace) -> list[Path]:
     sampler, schedule = parse_sampler(args.sampler, args.schedule_type)
     placement = choose_placement(args.device, args.dtype)
     _check_paths(args)
+    if (args.control is None) != (args.control_image is None):
+        raise SettingError("--control / --control-image", "a ControlNet needs its control image and the other way round",
+                           "Give both --control FILE and --control-image IMAGE, or neither")
+    control_image = (ControlImage.of(args.control_image.read_bytes(), str(args.control_image))
+                     if args.control_image else None)
     adapter_files = [(request.name, find_adapter(request.name, args.lora_dir)) for request in requests]
     seeds = image_seeds(fixed_seed(args.seed), args.batch)
     outputs = plan_outputs(args.out, seeds, compare=args.compare, latent_out=args.latent_out,
                            overwrite=args.overwrite,
-                           inputs=[args.target, args.source, args.adapted, args.vae, *(p for _, p in adapter_files)])
+                           inputs=[args.target, args.source, args.adapted, args.vae, args.control, args.control_image,
+                                   *(p for _, p in adapter_files)])
 
     tokenizer = ClipTokenizer.find(args.vocab, configure="--vocab")
     target = load_model(args.target, prediction=args.prediction, placement=placement, tokenizer=tokenizer,
@@ -160,6 +168,13 @@ def run(args: argparse.Namespace) -> list[Path]:
         adapters.add(path, name=request.name, unet_multiplier=request.unet_multiplier,
                      te_multiplier=request.te_multiplier)
     pair = SourcePair(source, adapters, adapted)
+    control = None
+    if args.control is not None:
+        from ..runtime.controlnet import load_controlnet
+        net = load_controlnet(args.control, device=placement.device, dtype=placement.dtype, for_family=source.family)
+        control = SourceControl(net, control_image.tensor(), weight=settings.control_weight,
+                                start=settings.control_start, end=settings.control_end, mode=settings.control_mode)
+        control.check(source)
     library = EmbeddingLibrary.for_text_stack(args.embeddings_dir, source.text) if args.embeddings_dir else None
 
     sigmas = get_sigmas(schedule, args.steps, target.denoiser.schedule, sampler=sampler,
@@ -180,7 +195,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                 sigma0=float(sigmas[0]),
                 embeddings=library.for_prompt(prompts.base) if library else {},
                 adapted_embeddings=library.for_prompt(prompts.adapted) if library else {},
-                cuda_graphs=args.cuda_graphs)
+                cuda_graphs=args.cuda_graphs, control=control)
 
         def model(x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
             if delta is not None:
@@ -196,7 +211,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                            noise_sampler=noise_source.noise_sampler())
 
     latents = generate(True, "delta")
-    params = _infotext(args, settings, sampler, schedule, steps, adapter_files)
+    params = _infotext(args, settings.replace(control_image=control_image or ""), sampler, schedule, steps,
+                       adapter_files)
     written = _write_images(vae, target, latents, prompts, seeds, params, outputs.images, outputs.overwrite)
     if args.compare:
         plain = {k: v for k, v in params.items() if not k.startswith("Delta ")}
@@ -220,6 +236,8 @@ def _infotext(args, settings: DeltaSettings, sampler, schedule, steps: int, adap
     extra = {SOURCE_HASH: _short(args.source)}
     if args.adapted:
         extra[ADAPTED_HASH] = _short(args.adapted)
+    if args.control:
+        extra[CONTROL_HASH] = _short(args.control)
     if adapter_files:
         from ..engine.infotext import format_hashes
         extra[ADAPTER_HASHES] = format_hashes({name: hashcache.addnet(path)[:12] for name, path in adapter_files})

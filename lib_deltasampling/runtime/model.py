@@ -63,8 +63,11 @@ class SourceModel:
             out["y"] = sdxl_adm_vector(conditioning.pooled, width, height).to(self.placement.dtype)
         return out
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.denoiser(x, sigma, **cond)
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, control=None) -> torch.Tensor:
+        """`control`: the UNet's ControlNet argument for this forward (runtime/control.py `RowControl`)."""
+        if control is None:
+            return self.denoiser(x, sigma, **cond)
+        return self.denoiser(x, sigma, **cond, control=control)
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, *(enc.model for enc in self.text.encoders)]

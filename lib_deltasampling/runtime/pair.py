@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ModelFileError
 from .adapters.apply import AdapterSet
+from .control import PreparedControl
 from .model import Cond, SourceModel
 from .text.encode import Conditioning, EmbeddingVectors
 
@@ -131,9 +132,11 @@ class SourcePair:
     # ------------------------------------------------------------------ prediction
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conds: PairConditioning) -> tuple[torch.Tensor, ...]:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conds: PairConditioning,
+                control: PreparedControl | None = None) -> tuple[torch.Tensor, ...]:
         """Denoised latents per branch, in order [base_uncond, base_cond, adapted_uncond, adapted_cond]
-        (without the uncond entries when encoded cond-only). `x` [B, C, H, W], `sigma` [B]."""
+        (without the uncond entries when encoded cond-only). `x` [B, C, H, W], `sigma` [B].
+        `control`: a ControlNet applied to the adapted branches only (runtime/control.py)."""
         if self.adapters is not None and self.adapters.adapters and not self.adapters.attached:
             raise RuntimeError("SourcePair.denoise must run inside `with pair.running():`")
         b = conds.batch
@@ -142,8 +145,9 @@ class SourcePair:
             x_in, s_in = x.repeat(n, *([1] * (x.ndim - 1))), sigma.repeat(n)
             if self.adapters is not None:
                 self.adapters.rows = slice(conds.n_base * b, n * b)
+            rows = control.for_rows(control.rows(conds.n_base, n, b)) if control is not None else None
             try:
-                out = self.base.denoise(x_in, s_in, conds.joint)
+                out = self.base.denoise(x_in, s_in, conds.joint, rows)
             finally:
                 if self.adapters is not None:
                     self.adapters.rows = None
@@ -152,8 +156,9 @@ class SourcePair:
         if self.adapters is not None:
             self.adapters.rows = slice(None)
         try:
+            rows = control.for_rows(control.rows(0, conds.n_adapted, b)) if control is not None else None
             adapted = self.adapted.denoise(x.repeat(conds.n_adapted, *([1] * (x.ndim - 1))),
-                                           sigma.repeat(conds.n_adapted), conds.adapted)
+                                           sigma.repeat(conds.n_adapted), conds.adapted, rows)
         finally:
             if self.adapters is not None:
                 self.adapters.rows = None

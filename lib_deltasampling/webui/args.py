@@ -23,19 +23,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..engine.settings import FIELD_BY_NAME, FIELDS, DeltaSettings, FieldSpec
+from ..engine.settings import FIELD_BY_NAME, FIELDS, NAME_KINDS, DeltaSettings, FieldSpec
 from ..errors import SettingError
 
 # X/Y/Z axis values travel on the processing object; webui/xyz.py writes a NEW dict per cell.
 OVERRIDES_ATTR = "delta_sampling_overrides"
 NONE_CHOICE = "None"
-NONE_CHOICE_FIELDS = ("adapted_checkpoint",)  # dropdowns whose empty value is shown as "None"
+NONE_CHOICE_FIELDS = ("adapted_checkpoint", "control_model")  # dropdowns whose empty value is shown as "None"
 
 
 def ui_value(spec: FieldSpec, value: Any) -> Any:
     """The value a control holds for a setting value ("" -> "None" where the dropdown offers it)."""
     if spec.name in NONE_CHOICE_FIELDS and value == "":
         return NONE_CHOICE
+    if spec.kind == "image" and value == "":
+        return None                   # an empty upload box
     return value
 
 
@@ -46,7 +48,7 @@ def ui_defaults() -> list[Any]:
 
 def setting_value(spec: FieldSpec, value: Any) -> Any:
     """A control's (or API) value in settings form: "None" -> "" for checkpoints; None stays None."""
-    if spec.kind == "checkpoint" and isinstance(value, str) and value.strip().lower() == "none":
+    if spec.kind in NAME_KINDS and isinstance(value, str) and value.strip().lower() == "none":
         return ""
     return value
 

@@ -77,3 +77,34 @@ def embedding_dirs() -> list[Path]:
     from modules import shared
     d = getattr(shared.cmd_opts, "embeddings_dir", None)
     return [Path(d)] if d and Path(d).is_dir() else []
+
+
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
+
+
+def controlnet_dirs() -> list[Path]:
+    """Where ControlNet models live: --controlnet-dir (sd-webui-controlnet, Forge), models/ControlNet
+    (all hosts), sd-webui-controlnet's own models folder and its settings-page path (A1111)."""
+    from modules import paths, shared
+    dirs = [getattr(shared.cmd_opts, "controlnet_dir", None),
+            Path(paths.models_path) / "ControlNet",
+            Path(paths.script_path) / "extensions" / "sd-webui-controlnet" / "models",
+            getattr(shared.opts, "data", {}).get("control_net_models_path") or None]
+    seen, out = set(), []
+    for d in dirs:
+        if d and Path(d).is_dir() and Path(d).resolve() not in seen:
+            seen.add(Path(d).resolve())
+            out.append(Path(d))
+    return out
+
+
+def controlnet_names() -> list[str]:
+    """ControlNet model names (file names without the suffix) found in `controlnet_dirs()`."""
+    names = {p.stem for d in controlnet_dirs() for s in CONTROLNET_SUFFIXES for p in d.rglob("*" + s)
+             if not p.name.endswith(".yaml")}
+    return sorted(names, key=str.lower)
+
+
+def controlnet_file(name: str) -> Path:
+    return find_named_file(name, controlnet_dirs(), CONTROLNET_SUFFIXES, f'ControlNet "{name}"',
+                           "Pick it from the Delta Sampling ControlNet list (press refresh after adding files)")

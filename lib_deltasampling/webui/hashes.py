@@ -52,3 +52,12 @@ def adapter_hash(name: str, path: Path) -> str | None:
 
     value = hashes.sha256(str(path), f"lora/{path.stem}", use_addnet_hash=path.suffix.lower() == ".safetensors")
     return value[:ADAPTER_SHORT] if value else None
+
+
+def controlnet_hash(path: Path) -> str | None:
+    """The ControlNet file's 10-char sha256 (None under --no-hashing when not cached); cached under
+    "controlnet/NAME", the title sd-webui-controlnet gives its models' hashes."""
+    from modules import hashes
+
+    value = hashes.sha256(str(path), f"controlnet/{path.stem}")
+    return value[:CHECKPOINT_SHORT] if value else None

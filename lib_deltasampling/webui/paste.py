@@ -99,6 +99,10 @@ def match_checkpoint(name: str, short_hash: str | None = None) -> str | None:
     return None
 
 
+# The control image is not in infotext (its hash is): a paste leaves the image control as it is.
+PASTED_FIELDS = tuple(spec for spec in FIELDS if spec.kind != "image")
+
+
 def _restore(spec: FieldSpec, reader: PasteReader) -> Callable[[Mapping[str, Any]], Any]:
     if spec.name == "enabled":
         def restore_enabled(params: Mapping[str, Any]) -> bool:
@@ -141,7 +145,7 @@ def infotext_fields(components: Mapping[str, Any]) -> list:
         PasteField = None           # noqa: N806
     reader = PasteReader()
     fields = []
-    for spec in FIELDS:
+    for spec in PASTED_FIELDS:
         target = InfotextKey(spec.infotext, _restore(spec, reader))
         component = components[spec.name]
         fields.append(PasteField(component, target) if PasteField else (component, target))
@@ -150,7 +154,7 @@ def infotext_fields(components: Mapping[str, Any]) -> list:
 
 def paste_field_names() -> list[str]:
     """`Script.paste_field_names`: every control travels with "Send to txt2img/img2img"."""
-    return [spec.infotext for spec in FIELDS]
+    return [spec.infotext for spec in PASTED_FIELDS]
 
 
 _TAG = re.compile(r"<(lora|lyco):([^:>]+)(?=[:>])")

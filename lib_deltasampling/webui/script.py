@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.infotext import ADAPTED_HASH, ADAPTER_HASHES, SOURCE_HASH, format_hashes, settings_to_infotext
+from ..engine.infotext import (ADAPTED_HASH, ADAPTER_HASHES, CONTROL_HASH, SOURCE_HASH, format_hashes,
+                               settings_to_infotext)
 from ..engine.sampler import DeltaSampler, SourceStats
 from ..engine.schedule import never_applies
 from ..engine.settings import DeltaSettings
 from ..errors import SettingError, UserError
 from ..runtime.adapters.tags import adapter_requests
+from ..runtime.control import SourceControl
 from ..runtime.pair import SourcePair
 from ..runtime.text.embeddings import EmbeddingLibrary
 from ..runtime.text.prompt import extract_extra_networks
@@ -51,6 +53,7 @@ class Run:
     failed: bool = False
     infotext_written: bool = False  # run.infotext went into p.extra_generation_params
     stats: SourceStats = field(default_factory=SourceStats)  # the source's runs over every pass
+    control: SourceControl | None = None   # the ControlNet on the adapted branch
 
     def close(self) -> None:
         if self.hook is not None:
@@ -142,6 +145,9 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
     if not settings.source_checkpoint:
         raise SettingError('Delta Sampling "Source base checkpoint"', "no source checkpoint is chosen",
                            "Pick the base model your LoRA or fine-tune was made for")
+    if (problem := settings.control_problem()) is not None:
+        raise problem
+    control_path = files.controlnet_file(settings.control_model) if settings.control_model else None
     source_path = files.checkpoint_file(settings.source_checkpoint, 'Delta Sampling "Source base checkpoint"')
     adapted_path = (files.checkpoint_file(settings.adapted_checkpoint, 'Delta Sampling "Adapted checkpoint"')
                     if settings.adapted_checkpoint else None)
@@ -171,6 +177,14 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
     pair = SourcePair(base, adapters, adapted)
     dirs = files.embedding_dirs()
     library = EmbeddingLibrary.for_text_stack(dirs, base.text) if dirs else None
+    control = None
+    if control_path is not None:
+        net = CACHE.controlnet(control_path, placement, base.family)
+        control = SourceControl(net, settings.control_image.tensor(), weight=settings.control_weight,
+                                start=settings.control_start, end=settings.control_end, mode=settings.control_mode)
+        control.check(base)
+    else:
+        CACHE.release_controlnet()
 
     extra = {SOURCE_HASH: hashes.checkpoint_hash(settings.source_checkpoint, source_path)}
     if adapted_path:
@@ -179,8 +193,10 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
         adapter_hashes = {n: hashes.adapter_hash(n, path) for n, path, _, _ in adapter_files}
         if all(adapter_hashes.values()):
             extra[ADAPTER_HASHES] = format_hashes(adapter_hashes)
+    if control_path is not None:
+        extra[CONTROL_HASH] = hashes.controlnet_hash(control_path)
     extra = {k: v for k, v in extra.items() if v}  # --no-hashing: no key rather than hashing
-    return Run(settings, pair, library, settings_to_infotext(settings, extra=extra))
+    return Run(settings, pair, library, settings_to_infotext(settings, extra=extra), control=control)
 
 
 def _pass_prompts(p, run: Run) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -236,7 +252,7 @@ def before_sampling(p, *args, x=None, noise=None, **kwargs) -> None:
             target_scale=host.target_latent_scale(target), noise=noise, noise_multiplier=c0,
             sigma0=sigma0, embeddings=embeddings, adapted_embeddings=adapted_embeddings, generate_mask=mask,
             should_stop=lambda: bool(shared.state.interrupted or shared.state.skipped), stats=run.stats,
-            cuda_graphs=options.cuda_graphs)
+            cuda_graphs=options.cuda_graphs, control=run.control)
         if low_vram:
             run.pair.text_to(torch.device("cpu"))  # encoded for this pass: the text encoders are not needed now
         img2img = x is not None and x is not noise  # txt2img hands the noise itself as x

@@ -38,6 +38,7 @@ class SourceCache:
         self._adapters: dict[tuple, AdapterSet] = {}
         self._tokenizers: dict[tuple, ClipTokenizer] = {}
         self.host_checkpoint: str | None = None
+        self._controlnet: tuple | None = None     # (file key and placement, LoadedControlNet)
 
     def tokenizer(self, vocab_paths: tuple[Path, ...], webui_root: Path | None) -> ClipTokenizer:
         key = (vocab_paths, webui_root)
@@ -69,6 +70,24 @@ class SourceCache:
             self._adapters[key] = adapters
         return adapters
 
+    def controlnet(self, path: Path, placement: Placement, family):
+        """The ControlNet of `path` on `placement` (one kept at a time: a second replaces the first)."""
+        key = (_file_key(path), placement, family)
+        if self._controlnet is not None and self._controlnet[0] == key:
+            return self._controlnet[1]
+        self.release_controlnet()
+        from ..runtime.controlnet import load_controlnet
+        log.info("loading ControlNet %s (%s)", path.name, placement)
+        net = load_controlnet(path, device=placement.device, dtype=placement.dtype, for_family=family)
+        self._controlnet = (key, net)
+        return net
+
+    def release_controlnet(self) -> None:
+        if self._controlnet is not None:
+            _, net = self._controlnet
+            self._controlnet = None
+            net.release()
+
     def keep_only(self, models: list[SourceModel]) -> None:
         """Free every model not in `models` (and the adapters on them)."""
         keep = {id(m) for m in models}
@@ -83,11 +102,13 @@ class SourceCache:
         for model in self._models.values():
             if model.placement.device.type != "cpu":
                 model.to(Placement(torch.device("cpu"), model.placement.dtype, model.placement.weights))
+        self.release_controlnet()   # small next to a source model: reloaded when used again
         empty_device_caches()
 
     def release_all(self) -> None:
         """Free every model, their adapters and the tokenizer (rebuilt in well under a second)."""
         self.keep_only([])
+        self.release_controlnet()
         self._tokenizers.clear()
 
     @property

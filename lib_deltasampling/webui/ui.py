@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.settings import FIELD_BY_NAME, FIELDS, FieldSpec
+from ..engine.settings import CONTROL_FIELDS, FIELD_BY_NAME, FIELDS, FieldSpec
 from . import paste
 from .args import NONE_CHOICE, NONE_CHOICE_FIELDS, ui_value
 
@@ -29,6 +29,7 @@ class UiChoices:
     loras: Callable[[], list[tuple[str, str]]]            # (name for <lora:name:w>, label with family)
     refresh_checkpoints: Callable[[], None] | None = None  # default: modules.sd_models.list_models
     refresh_loras: Callable[[], None] | None = None        # default: the Lora extension's re-scan
+    controlnets: Callable[[], list[str]] | None = None     # ControlNet names; default: webui/files.py
 
 
 # Rows of the accordion. A field missing here still gets a control, in a row of its own at the end.
@@ -40,7 +41,11 @@ LAYOUT: tuple[tuple[str, ...], ...] = (
     ("schedule", "source_cfg"),
     ("guidance", "reuse"),
     ("hires", "resolution"),
+    ("control_model", "control_mode"),
+    ("control_image",),
+    ("control_weight", "control_start", "control_end"),
 )
+CONTROL_ACCORDION = "ControlNet on the adapted source"
 TEXT_LINES = {"adapters": 2, "source_prompt": 2, "source_negative": 2}
 PLACEHOLDERS = {
     "adapters": "<lora:name:1> embedding-name trigger words",
@@ -90,20 +95,32 @@ def build_ui(script: Any, is_img2img: bool, choices: UiChoices) -> list:
         _tooltip(accordion, enabled.tooltip)
         _tooltip(accordion.accordion, enabled.tooltip)
         controls["enabled"] = accordion
-        for row in layout_rows():
-            with gr.Row():
-                for name in row:
-                    controls[name] = _control(gr, FIELD_BY_NAME[name], script, is_img2img, choices)
+        rows = layout_rows()
+        for row in (r for r in rows if not set(r) & set(CONTROL_FIELDS)):
+            _row(gr, row, controls, script, is_img2img, choices)
+        with gr.Accordion(CONTROL_ACCORDION, open=False, elem_id=script.elem_id("control_accordion")):
+            for row in (r for r in rows if set(r) & set(CONTROL_FIELDS)):
+                _row(gr, row, controls, script, is_img2img, choices)
 
     script.infotext_fields = paste.infotext_fields(controls)
     script.paste_field_names = paste.paste_field_names()
     return [controls[f.name] for f in FIELDS]
 
 
+def _row(gr: Any, row: tuple[str, ...], controls: dict, script: Any, is_img2img: bool, choices: UiChoices) -> None:
+    with gr.Row():
+        for name in row:
+            controls[name] = _control(gr, FIELD_BY_NAME[name], script, is_img2img, choices)
+
+
 def _control(gr: Any, spec: FieldSpec, script: Any, is_img2img: bool, choices: UiChoices) -> Any:
     common = {"label": spec.label, "elem_id": script.elem_id(spec.name), "tooltip": spec.tooltip}
     if spec.kind == "checkpoint":
         return _checkpoint_dropdown(gr, spec, script, choices, common)
+    if spec.kind == "controlnet":
+        return _controlnet_dropdown(gr, spec, script, choices, common)
+    if spec.kind == "image":
+        return gr.Image(type="numpy", **common)
     if spec.name == "adapters":
         return _adapter_text(gr, spec, script, choices, common)
     if spec.kind in ("float", "int"):
@@ -137,6 +154,23 @@ def _checkpoint_dropdown(gr: Any, spec: FieldSpec, script: Any, choices: UiChoic
         dropdown = gr.Dropdown(choices=_checkpoint_choices(spec, choices), value=ui_value(spec, spec.default),
                                **common)
         create_refresh_button(dropdown, refresh, lambda: {"choices": _checkpoint_choices(spec, choices)},
+                              script.elem_id(f"{spec.name}_refresh"))
+    return dropdown
+
+
+def _controlnet_choices(choices: UiChoices) -> list[str]:
+    if choices.controlnets is not None:
+        return [NONE_CHOICE, *choices.controlnets()]
+    from .files import controlnet_names
+    return [NONE_CHOICE, *controlnet_names()]
+
+
+def _controlnet_dropdown(gr: Any, spec: FieldSpec, script: Any, choices: UiChoices, common: dict) -> Any:
+    from modules.ui_common import create_refresh_button
+
+    with gr.Row():
+        dropdown = gr.Dropdown(choices=_controlnet_choices(choices), value=ui_value(spec, spec.default), **common)
+        create_refresh_button(dropdown, lambda: None, lambda: {"choices": _controlnet_choices(choices)},
                               script.elem_id(f"{spec.name}_refresh"))
     return dropdown
 

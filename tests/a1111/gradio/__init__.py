@@ -347,6 +347,27 @@ class Textbox(FormComponent):
         return None if y is None else str(y)
 
 
+class Image(IOComponent):
+    """gradio 3.41.2 components/image.py: an upload box; `type` says what the handler gets
+    ("numpy": an H x W x 3 uint8 array, "pil", "filepath"); None when nothing is uploaded."""
+
+    def __init__(self, value=None, *, shape=None, height: int | None = None, width: int | None = None,
+                 image_mode: str = "RGB", invert_colors: bool = False, source: str = "upload", tool: str | None = None,
+                 type: str = "numpy", label: str | None = None, every: float | None = None,
+                 show_label: bool | None = None, show_download_button: bool = True, container: bool = True,
+                 scale: int | None = None, min_width: int = 160, interactive: bool | None = None,
+                 visible: bool = True, streaming: bool = False, elem_id: str | None = None, elem_classes=None,
+                 mirror_webcam: bool = True, brush_radius: float | None = None, brush_color: str = "#000000",
+                 mask_opacity: float = 0.7, show_share_button: bool | None = None, **kwargs):
+        if type not in ("numpy", "pil", "filepath"):
+            raise ValueError(f"Invalid value for parameter `type`: {type}. Please choose from one of: "
+                             "['numpy', 'pil', 'filepath']")
+        self.type, self.source, self.tool, self.image_mode = type, source, tool, image_mode
+        super().__init__(value=value, label=label, every=every, show_label=show_label, container=container,
+                         scale=scale, min_width=min_width, interactive=interactive, visible=visible,
+                         elem_id=elem_id, elem_classes=elem_classes, **kwargs)
+
+
 class Button(IOComponent):
     def __init__(self, value: str | Callable = "Run", *, variant: str = "secondary", size: str | None = None,
                  icon: str | None = None, link: str | None = None, visible: bool = True, interactive: bool = True,
