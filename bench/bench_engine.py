@@ -6,6 +6,8 @@
 Cases (issues 4 and 11), 20 Euler steps, image batch 1, CFG on both sides:
   (a) SD1.5-architecture target at 512x512, SD1.5 source + rank-32 LoRA (one fused batch-4 source forward)
   (b) SDXL target at 1024x1024, SD1.5 source, source resolution `target` and `native`
+  (c) as (b) native, the source UNet stored in fp8, + LoRA, optionally under a memory cap (--memory-gib 8)
+  (d) as (b) native + LoRA + an SD1.5 ControlNet on the adapted rows (issue 12; its weights count as the source's)
 Per step: target-only time, Delta Sampling time, and the ideal = target CFG forward + source forward,
 each timed standalone with the same shapes. Overhead = DS / ideal - 1 (goal <= 5%). Peak VRAM of DS
 over the target alone (goal at 512: <= source weights + 1 GB). The Delta Sampling step runs eagerly and
@@ -34,6 +36,8 @@ from lib_deltasampling.engine.bridge import NATIVE_PIXELS, native_latent_size  #
 from lib_deltasampling.engine.sampler import DeltaParams, DeltaSampler, Segment  # noqa: E402
 from lib_deltasampling.runtime.adapters.apply import AdapterSet  # noqa: E402
 from lib_deltasampling.runtime.checkpoint import TensorStore  # noqa: E402
+from lib_deltasampling.runtime.control import SourceControl  # noqa: E402
+from lib_deltasampling.runtime.controlnet import ControlNet, ControlNetInfo, LoadedControlNet  # noqa: E402
 from lib_deltasampling.runtime.denoiser import Denoiser, DiscreteSchedule, Prediction  # noqa: E402
 from lib_deltasampling.runtime.detect import Family, ModelInfo  # noqa: E402
 from lib_deltasampling.runtime.fp8 import FP8_WEIGHTS, store_fp8  # noqa: E402
@@ -89,8 +93,20 @@ def time_ms(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
+def random_controlnet(source: SourceModel) -> LoadedControlNet:
+    """A ControlNet fitting `source` (random weights like `random_unet`), on its device and dtype."""
+    torch.manual_seed(1)
+    p = source.placement
+    net = ControlNet(source.info.unet.encoder(), device=p.device, dtype=torch.float32)
+    with torch.no_grad():
+        for t in net.parameters():
+            t.normal_(0, 0.02) if t.ndim > 1 else t.fill_(1.0)
+    info = ControlNetInfo(None, source.family, "ldm", source.info.unet.encoder(), 3)
+    return LoadedControlNet(info, net.to(p.dtype).eval().requires_grad_(False))
+
+
 def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[int, int], resolution: str,
-             lora: bool, steps: int, repeats: int, cuda: bool) -> dict:
+             lora: bool, steps: int, repeats: int, cuda: bool, controlnet: bool = False) -> dict:
     p = target.placement
     g = torch.Generator(device=p.device).manual_seed(0)
     adapters = None
@@ -107,10 +123,15 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
     src = random_cond(source, 4, g)
     conds = PairConditioning({k: v[:2] for k, v in src.items()}, {k: v[2:] for k, v in src.items()}, 2, 2, 1, src)
     source_latent = native_latent_size(*latent, NATIVE_PIXELS["sd1"]) if resolution == "native" else latent
+    control = None
+    if controlnet:
+        net = random_controlnet(source)
+        control = SourceControl(net, torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(2)))
+        control.check(source)
     samplers = {graphed: DeltaSampler(pair, [Segment(steps, conds)], params, steps=steps, cfg_scale=7.0,
                                       target_scale=target.latent_scale, noise=noise,
                                       noise_multiplier=sigmas[0].item(), sigma0=sigmas[0].item(),
-                                      source_size=source_latent, cuda_graphs=graphed)
+                                      source_size=source_latent, cuda_graphs=graphed, control=control)
                 for graphed in (False, True)}
     sig = [sigmas[i:i + 1] for i in range(steps + 1)]  # per-step views made once: no host work in the loop
 
@@ -152,6 +173,8 @@ def run_case(name: str, target: SourceModel, source: SourceModel, latent: tuple[
                   for i, kind in enumerate(("syncs", "allocations"))}
     ideal = f_target + f_source
     source_weights = sum(t.numel() * t.element_size() for t in source.unet.parameters()) / 2**30
+    if control is not None:   # the ControlNet's weights count as the source's (the goal: source + ControlNet + 0.5 GB)
+        source_weights += sum(t.numel() * t.element_size() for t in control.net.model.parameters()) / 2**30
     # the source stays resident during the target-only loop too, so the increase over a target
     # running alone is the activation difference plus the source's weights
     return {"case": name, "latent": f"{latent[0]}x{latent[1]}", "source_latent": f"{source_latent[0]}x{source_latent[1]}",
@@ -208,7 +231,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", nargs="+", default=["a", "a-fp8", "b-target", "b-native"],
-                        help="a, a-fp8, b-target, b-native, c (SDXL + fp8 SD1.5 source + LoRA, native)")
+                        help="a, a-fp8, b-target, b-native, c (SDXL + fp8 SD1.5 source + LoRA, native), "
+                             "d (SDXL + SD1.5 source + LoRA + SD1.5 ControlNet, native; issue 12)")
     parser.add_argument("--memory-gib", type=float,
                         help="cap this process's CUDA allocations (torch.cuda.set_per_process_memory_fraction)")
     args = parser.parse_args()
@@ -240,7 +264,7 @@ def main() -> None:
                                      cuda))
                 del source
         del target
-    if {"b-target", "b-native", "c"} & set(args.cases):
+    if {"b-target", "b-native", "c", "d"} & set(args.cases):
         target = model_of(sdxl_cfg, Family.SDXL, p)
         for res in ("target", "native"):
             if f"b-{res}" in args.cases:
@@ -252,6 +276,11 @@ def main() -> None:
             source = model_of(sd15_cfg, Family.SD1, p, fp8=True)
             add(run_case("(c) SDXL target 1024 + SD1.5 source fp8 + LoRA r32, native", target, source, large,
                                  "native", True, args.steps, args.repeats, cuda))
+            del source
+        if "d" in args.cases:
+            source = model_of(sd15_cfg, Family.SD1, p)
+            add(run_case("(d) SDXL target 1024 + SD1.5 source + LoRA r32 + SD1.5 ControlNet, native", target, source,
+                         large, "native", True, args.steps, args.repeats, cuda, controlnet=True))
 
 
 if __name__ == "__main__":

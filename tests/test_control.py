@@ -333,3 +333,16 @@ def test_runner_control_flags(sd1_files, tmp_path):
         assert entry in text, entry
     assert "Delta control" not in Image.open(tmp_path / "plain.png").info["parameters"]
     assert cli([*common, "--control", str(net), "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_builtin_preprocessors(monkeypatch):
+    import sys
+    pixels = np.random.default_rng(7).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    image = ControlImage.of(pixels, "image")
+    torch.testing.assert_close(image.tensor("invert"), 1.0 - image.tensor(), rtol=0, atol=1e-6)  # 255 - x
+    assert torch.equal(image.tensor("none"), torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
+    monkeypatch.setitem(sys.modules, "cv2", None)                            # no OpenCV here
+    with pytest.raises(SettingError, match="canny needs OpenCV"):
+        image.tensor("canny")
+    with pytest.raises(SettingError, match="control_preprocessor"):
+        DeltaSettings.from_dict({"control_preprocessor": "depth"})

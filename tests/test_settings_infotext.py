@@ -91,7 +91,7 @@ def test_defaults():
         "source_negative": "", "scale": 1.0, "start": 0.0, "end": 1.0, "schedule": "constant", "source_cfg": 0.0,
         "guidance": "full", "reuse": 1, "hires": True, "resolution": "target", "control_model": "",
         "control_image": "", "control_weight": 1.0, "control_start": 0.0, "control_end": 1.0,
-        "control_mode": "balanced"}
+        "control_mode": "balanced", "control_preprocessor": "none"}
     assert DeltaSettings.from_dict({}) == s and list(s.to_dict()) == [f.name for f in FIELDS]
 
 

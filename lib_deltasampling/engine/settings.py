@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import SettingError
 from ..runtime.names import path_problem
+from ..runtime.preprocess import PREPROCESSORS
 from .schedule import SHAPES
 
 KINDS = ("bool", "float", "int", "choice", "text", "checkpoint", "controlnet", "image")
@@ -196,11 +197,17 @@ class ControlImage:
     def __repr__(self) -> str:
         return f"ControlImage({self.pixels.shape[1]}x{self.pixels.shape[0]}, sha256 {self.short_hash})"
 
-    def tensor(self):
-        """[1, 3, H, W] float32 in 0..1 (torch imported here, not by the settings module)."""
+    def tensor(self, preprocessor: str = "none"):
+        """[1, 3, H, W] float32 in 0..1 after `preprocessor` (torch imported here, not by the settings module)."""
+        import numpy as np
         import torch
-        return torch.from_numpy(self.pixels).permute(2, 0, 1)[None].float().div_(255.0)
 
+        from ..runtime.preprocess import preprocess
+        pixels = np.ascontiguousarray(preprocess(self.pixels, preprocessor))
+        return torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+FRACTION = dict(minimum=0.0, maximum=1.0, ui_minimum=0.0, ui_maximum=1.0, step=0.01)  # a fraction of the steps
 
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("enabled", "Enable Delta Sampling", "Delta sampling", False, "bool",
@@ -225,10 +232,10 @@ FIELDS: tuple[FieldSpec, ...] = (
               minimum=-10.0, maximum=10.0, ui_minimum=0.0, ui_maximum=5.0, step=0.05, xyz="Delta scale"),
     FieldSpec("start", "Start (fraction of steps)", "Delta start", 0.0, "float",
               "The fraction of the sampling steps at which the delta starts being added.",
-              minimum=0.0, maximum=1.0, ui_minimum=0.0, ui_maximum=1.0, step=0.01, xyz="Delta start"),
+              **FRACTION, xyz="Delta start"),
     FieldSpec("end", "End (fraction of steps)", "Delta end", 1.0, "float",
               "The fraction of the sampling steps from which no delta is added; must be greater than start.",
-              minimum=0.0, maximum=1.0, ui_minimum=0.0, ui_maximum=1.0, step=0.01, xyz="Delta end"),
+              **FRACTION, xyz="Delta end"),
     FieldSpec("schedule", "Schedule", "Delta schedule", "constant", "choice",
               "The scale over the start-end window: constant, or falling to 0 linearly or along a cosine.",
               choices=tuple(SHAPES), xyz="Delta schedule"),
@@ -260,14 +267,17 @@ FIELDS: tuple[FieldSpec, ...] = (
               minimum=0.0, maximum=2.0, ui_minimum=0.0, ui_maximum=2.0, step=0.05, xyz="Delta control weight"),
     FieldSpec("control_start", "Control start", "Delta control start", 0.0, "float",
               "The fraction of the steps from which the ControlNet applies.",
-              minimum=0.0, maximum=1.0, ui_minimum=0.0, ui_maximum=1.0, step=0.01, xyz="Delta control start"),
+              **FRACTION, xyz="Delta control start"),
     FieldSpec("control_end", "Control end", "Delta control end", 1.0, "float",
               "The fraction of the steps after which the ControlNet no longer applies.",
-              minimum=0.0, maximum=1.0, ui_minimum=0.0, ui_maximum=1.0, step=0.01, xyz="Delta control end"),
+              **FRACTION, xyz="Delta control end"),
     FieldSpec("control_mode", "Control mode", "Delta control mode", "balanced", "choice",
               "As in sd-webui-controlnet: balanced; prompt (my prompt is more important); control (the ControlNet "
               "is more important).",
               choices=CONTROL_MODES, xyz="Delta control mode"),
+    FieldSpec("control_preprocessor", "Control preprocessor", "Delta control preprocessor", "none", "choice",
+              "none: the image is the ControlNet's input as it is; invert: a black-on-white sketch; canny: edges "
+              "(OpenCV).", choices=PREPROCESSORS, xyz="Delta control preprocessor"),
 )
 
 FIELD_BY_NAME: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
@@ -343,6 +353,7 @@ class DeltaSettings:
     control_start: float = 0.0            # fractions of the steps, both ends included
     control_end: float = 1.0
     control_mode: str = "balanced"
+    control_preprocessor: str = "none"
 
     def __post_init__(self) -> None:
         values = checked_values({f.name: getattr(self, f.name) for f in fields(self)})
@@ -373,6 +384,12 @@ class DeltaSettings:
                            guidance=self.guidance, reuse=self.reuse,
                            source_cfg=None if self.source_cfg == 0 else self.source_cfg,
                            resolution=self.resolution)
+
+    def to_control(self, net: Any):
+        """The runtime's `SourceControl` for the loaded ControlNet `net` (runtime/control.py)."""
+        from ..runtime.control import SourceControl
+        return SourceControl(net, self.control_image.tensor(self.control_preprocessor), weight=self.control_weight,
+                             start=self.control_start, end=self.control_end, mode=self.control_mode)
 
     def control_problem(self) -> SettingError | None:
         """Why the ControlNet settings cannot run (checked when a generation starts, not here: a

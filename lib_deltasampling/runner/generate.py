@@ -32,7 +32,6 @@ from ..errors import SettingError, UserError
 from ..runtime.adapters.apply import AdapterSet
 from ..runtime.adapters.tags import adapter_requests
 from ..runtime.checkpoint import open_store
-from ..runtime.control import SourceControl
 from ..runtime.detect import Family
 from ..runtime.model import Cond, SourceModel, load_model
 from ..runtime.names import find_named_file
@@ -172,8 +171,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.control is not None:
         from ..runtime.controlnet import load_controlnet
         net = load_controlnet(args.control, device=placement.device, dtype=placement.dtype, for_family=source.family)
-        control = SourceControl(net, control_image.tensor(), weight=settings.control_weight,
-                                start=settings.control_start, end=settings.control_end, mode=settings.control_mode)
+        control = settings.replace(control_image=control_image).to_control(net)
         control.check(source)
     library = EmbeddingLibrary.for_text_stack(args.embeddings_dir, source.text) if args.embeddings_dir else None
 

@@ -240,6 +240,10 @@ def request_error(body: bytes) -> str | None:
                 files.checkpoint_file(settings.adapted_checkpoint, 'Delta Sampling "adapted_checkpoint"')
             for request in adapter_requests(settings.adapters)[1]:
                 files.adapter_file(request.name)
+            if (problem := settings.control_problem()) is not None:
+                return str(problem)
+            if settings.control_model:
+                files.controlnet_file(settings.control_model)
     except UserError as exc:
         return str(exc)
     return None

@@ -180,8 +180,7 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
     control = None
     if control_path is not None:
         net = CACHE.controlnet(control_path, placement, base.family)
-        control = SourceControl(net, settings.control_image.tensor(), weight=settings.control_weight,
-                                start=settings.control_start, end=settings.control_end, mode=settings.control_mode)
+        control = settings.to_control(net)
         control.check(base)
     else:
         CACHE.release_controlnet()

@@ -42,7 +42,7 @@ LAYOUT: tuple[tuple[str, ...], ...] = (
     ("guidance", "reuse"),
     ("hires", "resolution"),
     ("control_model", "control_mode"),
-    ("control_image",),
+    ("control_image", "control_preprocessor"),
     ("control_weight", "control_start", "control_end"),
 )
 CONTROL_ACCORDION = "ControlNet on the adapted source"

@@ -16,7 +16,7 @@ import pytest
 import models
 from host import CACHE, FLAVOURS, SHARED_HOSTS, WebUI
 
-from models import LORA, MODELS_VERSION, SOURCE, TARGET
+from models import CONTROLNET, LORA, MODELS_VERSION, SOURCE, TARGET
 
 
 def model_dir() -> Path:
@@ -37,6 +37,8 @@ def sd15_models() -> dict[str, Path]:
         "target": ensure_file(d / "Stable-diffusion" / TARGET, lambda p: models.write_checkpoint(p, "sd15", seed=1)),
         "source": ensure_file(d / "Stable-diffusion" / SOURCE, lambda p: models.write_checkpoint(p, "sd15", seed=2)),
         "lora": ensure_file(d / "Lora" / f"{LORA}.safetensors", lambda p: models.write_lora(p, seed=3)),
+        "controlnet": ensure_file(d / "ControlNet" / f"{CONTROLNET}.safetensors",
+                                  lambda p: models.write_controlnet(p, seed=4)),
     }
 
 

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from models import LORA, SOURCE
+from models import CONTROLNET, LORA, SOURCE
 
 SCALE_KEY = "Delta scale"
 
@@ -114,6 +114,13 @@ def check_xyz_over_delta_scale(host) -> None:
     assert changed(images[2], images[1]) and changed(images[3], images[2])
 
 
+def control_image() -> str:
+    """A hint-like image: white rings on black, 96x80 (cropped and resized to the source's size)."""
+    y, x = np.mgrid[0:80, 0:96]
+    rings = ((np.hypot(x - 48, y - 40) // 6) % 2 * 255).astype(np.uint8)
+    return png_of(np.stack([rings] * 3, axis=-1))
+
+
 BAD_ARGUMENTS = [
     (ds(source_checkpoint="nope.safetensors"), ["nope.safetensors", "checkpoint"]),
     (ds(adapters="<lora:missing:1>"), ["missing"]),
@@ -126,7 +133,33 @@ BAD_ARGUMENTS = [
     (ds(adapters="<lora:/etc/passwd:1>"), ["absolute path"]),
     (ds(adapters="<lora:*:1>"), ["<lora:*>"]),
     (ds(adapters="<lora:a\0b:1>"), ["control character"]),
+    (ds(control_model=CONTROLNET), ["control_image", "no control image"]),
+    (ds(control_model=CONTROLNET, control_image="not an image"), ["control_image", "base64"]),
+    (ds(control_model="no-such-controlnet", control_image=control_image()), ["no-such-controlnet", "ControlNet"]),
 ]
+
+
+def check_controlnet_on_the_source(host) -> None:
+    """A ControlNet on the adapted source changes the image; its settings and hashes are in the
+    infotext (the image's, never the image); weight 0 gives exactly the image without it."""
+    from lib_deltasampling.engine.settings import ControlImage
+
+    image = control_image()
+    plain = host.txt2img(ds(), prompt="a house")
+    on = host.txt2img(ds(control_model=CONTROLNET, control_image=image, control_weight=1.5), prompt="a house")
+    zero = host.txt2img(ds(control_model=CONTROLNET, control_image=image, control_weight=0.0), prompt="a house")
+    assert changed(on.image(), plain.image())
+    assert np.array_equal(zero.image(), plain.image())
+    params = on.params
+    assert params["Delta control"] == CONTROLNET and params["Delta control weight"] == "1.5"
+    assert params["Delta control image hash"] == ControlImage.of(image, "test").short_hash
+    assert re.fullmatch(r"[0-9a-f]{10}", params["Delta control hash"])
+    assert "Delta control" not in plain.infotexts[0]
+    assert image[:40] not in on.infotexts[0]
+    # canny, with the host's own OpenCV: edges of the rings, not the rings
+    canny = host.txt2img(ds(control_model=CONTROLNET, control_image=image, control_weight=1.5,
+                            control_preprocessor="canny"), prompt="a house")
+    assert changed(canny.image(), on.image()) and canny.params["Delta control preprocessor"] == "canny"
 
 
 def check_bad_arguments(host, args: dict, words: list[str]) -> None:

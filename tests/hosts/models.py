@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from factories import vae_shapes as ldm_vae_shapes  # tests/factories.py: the VAE's keys, any size
+from lib_deltasampling.runtime.controlnet import ControlNet
 from lib_deltasampling.runtime.unet import UNetModel
 from lib_deltasampling.runtime.unet_config import UNetConfig
 
@@ -30,6 +31,7 @@ TARGET = "a-target-sd15.safetensors"      # alphabetically first: A1111's own ch
 SOURCE = "source-sd15.safetensors"
 SDXL_TARGET = "sdxl-target.safetensors"
 LORA = "dslora"
+CONTROLNET = "dscontrol-sd15"
 DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
 VOCAB, CONTEXT = 49408, 77
 
@@ -137,6 +139,14 @@ def write_streamed(path: Path, shapes: dict[str, tuple[int, ...]], make: callabl
 
 def write_checkpoint(path: Path, family: str, seed: int, dtype: torch.dtype = torch.float16) -> Path:
     shapes = {"sd15": sd15_shapes, "sdxl": sdxl_shapes}[family]()
+    gen = torch.Generator().manual_seed(seed)
+    return write_streamed(path, shapes, lambda k, s: random_tensor(k, s, gen, dtype), dtype)
+
+
+def write_controlnet(path: Path, seed: int, dtype: torch.dtype = torch.float16) -> Path:
+    """A full-size SD1.5 ControlNet (lllyasviel layout, `control_model.*`), random like the checkpoints."""
+    with torch.device("meta"):
+        shapes = {"control_model." + k: tuple(v.shape) for k, v in ControlNet(SD15_UNET.encoder()).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     return write_streamed(path, shapes, lambda k, s: random_tensor(k, s, gen, dtype), dtype)
 

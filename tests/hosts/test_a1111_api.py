@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
-                         check_img2img_on_off_and_scale_zero, check_png_info_round_trip, check_sampler,
-                         check_xyz_over_delta_scale, delta_keys, ds)
+                         check_controlnet_on_the_source, check_img2img_on_off_and_scale_zero,
+                         check_png_info_round_trip, check_sampler, check_xyz_over_delta_scale, delta_keys, ds)
 from models import LORA, SOURCE, TARGET
 
 # ------------------------------------------------------------------ txt2img: on, off, scale 0
@@ -48,6 +48,10 @@ def test_scale_zero_loads_nothing_and_runs_no_source(hosts):
     on = host.txt2img(ds(), prompt="a cat")
     assert "loading source model" in host.console_text()
     assert changed(on.image(), off.image())
+
+
+def test_controlnet_on_the_source(real_a1111):
+    check_controlnet_on_the_source(real_a1111)
 
 
 def test_one_console_line_per_generation(real_a1111):

@@ -15,8 +15,9 @@ import torch
 
 from browser import check_page_and_settings, paste_and_generate
 from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
-                         check_img2img_on_off_and_scale_zero, check_png_info_round_trip, check_sampler,
-                         check_xyz_over_delta_scale, delta_keys, ds, init_image)
+                         check_controlnet_on_the_source, check_img2img_on_off_and_scale_zero,
+                         check_png_info_round_trip, check_sampler, check_xyz_over_delta_scale, delta_keys, ds,
+                         init_image)
 from models import LORA, SOURCE
 
 SAMPLERS = ["Euler", "DDIM", "PLMS", "UniPC", "DPM++ 2M"]
@@ -117,6 +118,10 @@ def test_txt2img_off_zero_and_on(forge_host):
     assert not delta_keys(off.params) and not delta_keys(zero.params)
     assert on.params[SCALE_KEY] == "2.0" and on.params["Delta source"] == SOURCE
     assert "Delta scale: 2.0" in on.infotexts[0]
+
+
+def test_controlnet_on_the_source(forge_host):
+    check_controlnet_on_the_source(forge_host)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS[1:])
