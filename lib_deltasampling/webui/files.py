@@ -79,17 +79,24 @@ def embedding_dirs() -> list[Path]:
     return [Path(d)] if d and Path(d).is_dir() else []
 
 
-CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
+MODEL_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
 
 
-def controlnet_dirs() -> list[Path]:
-    """Where ControlNet models live: --controlnet-dir (sd-webui-controlnet, Forge), models/ControlNet
-    (all hosts), sd-webui-controlnet's own models folder and its settings-page path (A1111)."""
+def _model_dirs(kind: str) -> list[Path]:
+    """Where each kind of extra model lives in the WebUIs. ControlNets: --controlnet-dir
+    (sd-webui-controlnet, Forge), models/ControlNet (every host), sd-webui-controlnet's own models
+    folder and its settings-page path. IP-Adapters: where sd-webui-controlnet and Forge keep them
+    (the ControlNet folders) and models/ipadapter. CLIP vision encoders: models/clip_vision (Forge,
+    ComfyUI) and sd-webui-controlnet's download folder (clip_h.pth)."""
     from modules import paths, shared
-    dirs = [getattr(shared.cmd_opts, "controlnet_dir", None),
-            Path(paths.models_path) / "ControlNet",
-            Path(paths.script_path) / "extensions" / "sd-webui-controlnet" / "models",
-            getattr(shared.opts, "data", {}).get("control_net_models_path") or None]
+    models, root = Path(paths.models_path), Path(paths.script_path)
+    controlnet = [getattr(shared.cmd_opts, "controlnet_dir", None), models / "ControlNet",
+                  root / "extensions" / "sd-webui-controlnet" / "models",
+                  getattr(shared.opts, "data", {}).get("control_net_models_path") or None]
+    dirs = {"controlnet": controlnet,
+            "ipadapter": [models / "ipadapter", *controlnet],
+            "clipvision": [models / "clip_vision",
+                           root / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / "clip_vision"]}[kind]
     seen, out = set(), []
     for d in dirs:
         if d and Path(d).is_dir() and Path(d).resolve() not in seen:
@@ -98,13 +105,24 @@ def controlnet_dirs() -> list[Path]:
     return out
 
 
-def controlnet_names() -> list[str]:
-    """ControlNet model names (file names without the suffix) found in `controlnet_dirs()`."""
-    names = {p.stem for d in controlnet_dirs() for s in CONTROLNET_SUFFIXES for p in d.rglob("*" + s)
-             if not p.name.endswith(".yaml")}
+MODEL_WHAT = {"controlnet": "ControlNet", "ipadapter": "IP-Adapter", "clipvision": "CLIP vision encoder"}
+
+
+def model_names(kind: str) -> list[str]:
+    """Names (file names without the suffix) of the `kind` models in their folders."""
+    names = {p.stem for d in _model_dirs(kind) for s in MODEL_SUFFIXES for p in d.rglob("*" + s)}
     return sorted(names, key=str.lower)
 
 
+def model_file(kind: str, name: str) -> Path:
+    what = MODEL_WHAT[kind]
+    return find_named_file(name, _model_dirs(kind), MODEL_SUFFIXES, f'{what} "{name}"',
+                           f"Pick it from the Delta Sampling {what} list (press refresh after adding files)")
+
+
+def controlnet_names() -> list[str]:
+    return model_names("controlnet")
+
+
 def controlnet_file(name: str) -> Path:
-    return find_named_file(name, controlnet_dirs(), CONTROLNET_SUFFIXES, f'ControlNet "{name}"',
-                           "Pick it from the Delta Sampling ControlNet list (press refresh after adding files)")
+    return model_file("controlnet", name)
