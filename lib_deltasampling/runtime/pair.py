@@ -27,6 +27,7 @@ import torch
 from ..errors import ModelFileError
 from .adapters.apply import AdapterSet
 from .control import PreparedControl
+from .image_prompt import ImagePromptHooks
 from .model import Cond, SourceModel
 from .text.encode import Conditioning, EmbeddingVectors
 
@@ -53,7 +54,7 @@ def _cat_conds(conds: Sequence[Cond]) -> Cond:
 
 class SourcePair:
     def __init__(self, base: SourceModel, adapters: AdapterSet | None = None,
-                 adapted: SourceModel | None = None) -> None:
+                 adapted: SourceModel | None = None, image_prompt: ImagePromptHooks | None = None) -> None:
         if adapted is not None and adapted.family is not base.family:
             raise ModelFileError(adapted.info.path or "adapted checkpoint",
                                  f"is {adapted.family.label} but the source base "
@@ -62,6 +63,7 @@ class SourcePair:
         self.base = base
         self.adapted = adapted
         self.adapters = adapters
+        self.image_prompt = image_prompt   # an IP-Adapter on the adapted rows (runtime/image_prompt.py)
 
     @property
     def shared(self) -> bool:
@@ -80,14 +82,14 @@ class SourcePair:
     @contextmanager
     def running(self) -> Iterator["SourcePair"]:
         """Attach the adapters' hooks for a generation; they are removed on exit, also on error."""
-        if self.adapters is None:
-            yield self
-            return
-        self.adapters.attach()
+        parts = [p for p in (self.adapters, self.image_prompt) if p is not None]
         try:
+            for part in parts:
+                part.attach()
             yield self
         finally:
-            self.adapters.detach()
+            for part in parts:
+                part.detach()
 
     # ------------------------------------------------------------------ conditioning
 
@@ -122,6 +124,8 @@ class SourcePair:
         adapted_conds = [self.adapted_model.cond_from(adapted_text.pad_to_chunks(c, chunks), width=width, height=height)
                          for c in adapted]
         joint = _cat_conds(base_conds + adapted_conds) if self.shared else None
+        if self.image_prompt is not None:
+            self.image_prompt.prepare(batch=batch, with_uncond=adapted_negative_prompts is not None)
         return PairConditioning(_cat_conds(base_conds), _cat_conds(adapted_conds), len(base_conds),
                                 len(adapted_conds), batch, joint)
 
@@ -143,23 +147,25 @@ class SourcePair:
         if self.shared:
             n = conds.branches
             x_in, s_in = x.repeat(n, *([1] * (x.ndim - 1))), sigma.repeat(n)
-            if self.adapters is not None:
-                self.adapters.rows = slice(conds.n_base * b, n * b)
+            self._set_rows(slice(conds.n_base * b, n * b))
             rows = control.for_rows(control.rows(conds.n_base, n, b)) if control is not None else None
             try:
                 out = self.base.denoise(x_in, s_in, conds.joint, rows)
             finally:
-                if self.adapters is not None:
-                    self.adapters.rows = None
+                self._set_rows(None)
             return out.chunk(n)
         base = self.base.denoise(x.repeat(conds.n_base, *([1] * (x.ndim - 1))), sigma.repeat(conds.n_base), conds.base)
-        if self.adapters is not None:
-            self.adapters.rows = slice(None)
+        self._set_rows(slice(None))
         try:
             rows = control.for_rows(control.rows(0, conds.n_adapted, b)) if control is not None else None
             adapted = self.adapted.denoise(x.repeat(conds.n_adapted, *([1] * (x.ndim - 1))),
                                            sigma.repeat(conds.n_adapted), conds.adapted, rows)
         finally:
-            if self.adapters is not None:
-                self.adapters.rows = None
+            self._set_rows(None)
         return (*base.chunk(conds.n_base), *adapted.chunk(conds.n_adapted))
+
+    def _set_rows(self, rows: slice | None) -> None:
+        """The adapted rows of the next forward, for the adapters' and the image prompt's hooks."""
+        for part in (self.adapters, self.image_prompt):
+            if part is not None:
+                part.rows = rows

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ModelFileError
+from ..attention import attention
 from ..checkpoint import TensorStore
 
 HEAD_CHANNELS = 64  # every CLIP text tower used by SD (L: 12 heads, H: 16, bigG: 20) has 64 channels per head
@@ -44,6 +46,17 @@ class ClipTextConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+
+class EncoderDims(Protocol):
+    """What the HF-layout encoder layers need from a config: `ClipTextConfig` and the vision
+    tower's `ClipVisionConfig` (runtime/clip_vision.py) both provide it."""
+
+    width: int
+    layers: int
+    heads: int
+    mlp_width: int
+    act: str
 
 
 @dataclass
@@ -156,22 +169,27 @@ class _ClipTextBase(nn.Module):
 
 
 # ---------------------------------------------------------------- HF layout (CLIP-L)
+# The layer classes are shared with the CLIP vision tower (runtime/clip_vision.py), which
+# builds them with causal=False: text tokens see earlier tokens only, image patches see all.
 
 class HFAttention(nn.Module):
-    def __init__(self, cfg: ClipTextConfig) -> None:
+    def __init__(self, cfg: EncoderDims, causal: bool = True) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.causal = causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(_causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        out = _causal_attention(q, k, v, self.heads) if self.causal else attention(q, k, v, self.heads)
+        return self.out_proj(out)
 
 
 class HFMLP(nn.Module):
-    def __init__(self, cfg: ClipTextConfig) -> None:
+    def __init__(self, cfg: EncoderDims) -> None:
         super().__init__()
         self.act = cfg.act
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
@@ -182,9 +200,9 @@ class HFMLP(nn.Module):
 
 
 class HFLayer(nn.Module):
-    def __init__(self, cfg: ClipTextConfig) -> None:
+    def __init__(self, cfg: EncoderDims, causal: bool = True) -> None:
         super().__init__()
-        self.self_attn = HFAttention(cfg)
+        self.self_attn = HFAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width)
         self.mlp = HFMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.width)
@@ -202,9 +220,9 @@ class HFEmbeddings(nn.Module):
 
 
 class HFEncoder(nn.Module):
-    def __init__(self, cfg: ClipTextConfig) -> None:
+    def __init__(self, cfg: EncoderDims, causal: bool = True) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(HFLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(HFLayer(cfg, causal) for _ in range(cfg.layers))
 
 
 class HFTextTransformer(nn.Module):
