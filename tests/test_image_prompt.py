@@ -131,3 +131,46 @@ def test_weight_zero_is_plain_and_a_mismatched_adapter_is_refused(parts):
     assert all(torch.equal(a, b) for a, b in zip(zero, plain))
     with pytest.raises(ValueError, match="cross-attention layers"):
         ImagePromptHooks(model.unet, adapter.kv_layers()[:-1], cond, uncond)
+
+
+def test_runner_ip_adapter_flags(tmp_path, tokenizer):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from lib_deltasampling.__main__ import main as cli
+    from lib_deltasampling.engine.settings import ControlImage
+    from vocab import clip_vocab_path
+
+    source = factories.write_checkpoint(tmp_path / "sd1.safetensors", "sd1", seed=2)
+    target = factories.write_checkpoint(tmp_path / "target.safetensors", "sd1", seed=1, vae=True)
+    unet = load_model(source, placement=CPU, tokenizer=tokenizer).unet
+    widths = [m.to_k.out_features for m in attn2_in_diffusers_order(unet)]
+    ip = tmp_path / "ip-adapter_tiny.safetensors"
+    save_file(flat_ip_adapter(nested_ip_adapter(plain_image_proj(48, unet.config.context_dim),
+                                                kv_weights(unet.config.context_dim, widths))), str(ip))
+    encoder = tmp_path / "clip_vision.safetensors"
+    save_file(clip_vision_state(width=64, projection=48), str(encoder))
+    image = _png(tmp_path / "style.png", 8)
+    common = ["generate", "--target", str(target), "--source", str(source), "--vocab", str(clip_vocab_path()),
+              "--device", "cpu", "--steps", "3", "--width", "64", "--height", "64", "--seed", "3", "--quiet",
+              "--adapters", "ink", "--scale", "2"]
+    latents = {}
+    for name, extra in (("plain", []), ("ip", ["--ip-adapter", str(ip), "--ip-encoder", str(encoder),
+                                               "--ip-image", str(image), "--ip-weight", "0.8"])):
+        out = tmp_path / f"{name}.png"
+        assert cli([*common, *extra, "--out", str(out), "--latent-out", str(tmp_path / f"{name}.safetensors")]) == 0
+        latents[name] = load_file(str(tmp_path / f"{name}.safetensors"))["latent"]
+    assert (latents["ip"] - latents["plain"]).abs().max() > 1e-3
+    text = Image.open(tmp_path / "ip.png").info["parameters"]
+    short = ControlImage.of(image.read_bytes(), "x").short_hash
+    for entry in (f"Delta IP-Adapter: {ip.stem}", f"Delta IP-Adapter encoder: {encoder.stem}",
+                  f"Delta IP-Adapter image hash: {short}", "Delta IP-Adapter weight: 0.8", "Delta IP-Adapter hash: "):
+        assert entry in text, entry
+    assert cli([*common, "--ip-adapter", str(ip), "--ip-image", str(image), "--out", str(tmp_path / "x.png")]) == 2
+
+
+def _png(path, seed):
+    import numpy as np
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 44, 3), dtype=np.uint8)).save(path)
+    return path

@@ -13,14 +13,14 @@ import pytest
 from lib_deltasampling.engine import settings as settings_module
 from lib_deltasampling.engine.infotext import (EXTRA_KEYS, format_hashes, format_parameters, parse_hashes,
                                                parse_parameters, settings_from_infotext, settings_to_infotext)
-from lib_deltasampling.engine.settings import (CONTROL_FIELDS, FIELD_BY_NAME, FIELDS, KINDS, XYZ_FIELDS, DeltaSettings,
-                                              FieldSpec, field)
+from lib_deltasampling.engine.settings import (FIELD_BY_NAME, FIELDS, KINDS, NAME_KINDS, PART_OF, XYZ_FIELDS,
+                                              DeltaSettings, FieldSpec, field)
 from lib_deltasampling.runtime.names import path_problem
 from lib_deltasampling.errors import SettingError
 from test_png import A1111_RE_PARAM, a1111_create_infotext, a1111_parse_generation_parameters
 
 PYTHON_TYPE = {"bool": bool, "float": float, "int": int, "choice": str, "text": str, "checkpoint": str,
-               "controlnet": str, "image": typing.Any}
+               "controlnet": str, "ipadapter": str, "clipvision": str, "image": typing.Any}
 
 
 # ---------------------------------------------------------------- one definition
@@ -91,7 +91,8 @@ def test_defaults():
         "source_negative": "", "scale": 1.0, "start": 0.0, "end": 1.0, "schedule": "constant", "source_cfg": 0.0,
         "guidance": "full", "reuse": 1, "hires": True, "resolution": "target", "control_model": "",
         "control_image": "", "control_weight": 1.0, "control_start": 0.0, "control_end": 1.0,
-        "control_mode": "balanced", "control_preprocessor": "none"}
+        "control_mode": "balanced", "control_preprocessor": "none", "ip_adapter": "", "ip_encoder": "",
+        "ip_image": "", "ip_weight": 1.0}
     assert DeltaSettings.from_dict({}) == s and list(s.to_dict()) == [f.name for f in FIELDS]
 
 
@@ -206,13 +207,13 @@ def random_settings(rng: random.Random) -> DeltaSettings:
     for f in FIELDS:
         if f.kind == "choice":
             values[f.name] = rng.choice(f.choices)
-        elif f.kind in ("text", "checkpoint", "controlnet"):
+        elif f.kind in ("text", *NAME_KINDS):
             values[f.name] = random_text(rng, f.kind != "text") if rng.random() < 0.8 else ""
-    if values["control_model"]:
-        values["control_weight"] = number(0.0, 2.0)
-        values["control_start"], values["control_end"] = sorted(rng.sample([0.0, 1.0, 0.5, rng.random()], 2))
-    else:   # without a ControlNet its settings are not written: they read back as the defaults
-        values.update({name: FIELD_BY_NAME[name].default for name in CONTROL_FIELDS})
+    values["control_weight"], values["ip_weight"] = number(0.0, 2.0), number(0.0, 2.0)
+    values["control_start"], values["control_end"] = sorted(rng.sample([0.0, 1.0, 0.5, rng.random()], 2))
+    for name, head in PART_OF.items():   # without its model a part's settings are not written: the defaults
+        if not values[head]:
+            values[name] = FIELD_BY_NAME[name].default
     return DeltaSettings.from_dict(values)
 
 

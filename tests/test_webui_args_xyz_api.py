@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from lib_deltasampling.engine.schedule import SHAPES
-from lib_deltasampling.engine.settings import CONTROL_FIELDS, FIELD_BY_NAME, FIELDS, XYZ_FIELDS, DeltaSettings
+from lib_deltasampling.engine.settings import FIELD_BY_NAME, FIELDS, PART_OF, XYZ_FIELDS, DeltaSettings
 from lib_deltasampling.errors import SettingError
 
 TITLE = "Delta Sampling"
@@ -58,8 +58,8 @@ def random_settings(rng: random.Random) -> DeltaSettings:
             values[spec.name] = rng.randint(int(spec.minimum), int(spec.maximum))
         elif spec.kind == "choice":
             values[spec.name] = rng.choice(spec.choices)
-        elif spec.kind == "controlnet":
-            values[spec.name] = rng.choice(["", "control_canny-sd15"])
+        elif spec.kind in ("controlnet", "ipadapter", "clipvision"):
+            values[spec.name] = rng.choice(["", f"{spec.kind}-model"])
         elif spec.kind == "image":
             values[spec.name] = ""      # never in infotext or a paste
         elif spec.kind == "checkpoint":
@@ -68,8 +68,9 @@ def random_settings(rng: random.Random) -> DeltaSettings:
             values[spec.name] = rng.choice(["", "<lora:a:1>, word", "x\ny"])
     values["start"], values["end"] = sorted(rng.sample([0.0, 0.2, 0.5, 0.9, 1.0], 2))
     values["control_start"], values["control_end"] = sorted(rng.sample([0.0, 0.2, 0.5, 1.0], 2))
-    if not values["control_model"]:   # without a ControlNet its settings are not in infotext: the defaults
-        values.update({name: FIELD_BY_NAME[name].default for name in CONTROL_FIELDS})
+    for name, head in PART_OF.items():   # without its model a part's settings are not in infotext: the defaults
+        if not values[head]:
+            values[name] = FIELD_BY_NAME[name].default
     return DeltaSettings(**values)
 
 
@@ -123,7 +124,7 @@ def test_api_forms_through_the_hosts_argument_padding(host):
     ([{"scale": 1.0}, "sd15.safetensors"], ["followed by more values", "source_checkpoint"]),
     (["yes"], ['"Enable Delta Sampling" (enabled)', "'yes'", "true or false"]),
     ([True, 5], ['"Source base checkpoint" (source_checkpoint)', "not text"]),
-    ([True] + [""] * 30, ["31 values given", "only 22 settings"]),
+    ([True] + [""] * 30, ["31 values given", "only 26 settings"]),
 ])
 def test_bad_api_args_name_the_setting(given, words):
     from lib_deltasampling.webui import args

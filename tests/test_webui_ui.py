@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from lib_deltasampling.engine.infotext import SOURCE_HASH, format_parameters, settings_to_infotext
-from lib_deltasampling.engine.settings import CONTROL_FIELDS, FIELD_BY_NAME, FIELDS, DeltaSettings
+from lib_deltasampling.engine.settings import FIELD_BY_NAME, FIELDS, PART_OF, DeltaSettings
 
 TITLE = "Delta Sampling"
 TABS = ("txt2img", "img2img")
@@ -69,8 +69,8 @@ def random_settings(rng: random.Random) -> DeltaSettings:
             values[spec.name] = rng.randint(int(spec.minimum), int(spec.maximum))
         elif spec.kind == "choice":
             values[spec.name] = rng.choice(spec.choices)
-        elif spec.kind == "controlnet":
-            values[spec.name] = rng.choice(["", "control_canny-sd15"])
+        elif spec.kind in ("controlnet", "ipadapter", "clipvision"):
+            values[spec.name] = rng.choice(["", f"{spec.kind}-model"])
         elif spec.kind == "image":
             values[spec.name] = ""      # never in infotext or a paste
         elif spec.kind == "checkpoint":
@@ -80,8 +80,9 @@ def random_settings(rng: random.Random) -> DeltaSettings:
     values["start"], values["end"] = sorted(rng.sample([0.0, 0.05, 0.25, 1 / 3, 0.5, 0.77, 1.0], 2))
     values["enabled"] = True
     values["control_start"], values["control_end"] = sorted(rng.sample([0.0, 0.2, 0.5, 1.0], 2))
-    if not values["control_model"]:   # without a ControlNet its settings are not in infotext: the defaults
-        values.update({name: FIELD_BY_NAME[name].default for name in CONTROL_FIELDS})
+    for name, head in PART_OF.items():   # without its model a part's settings are not in infotext: the defaults
+        if not values[head]:
+            values[name] = FIELD_BY_NAME[name].default
     return DeltaSettings(**values)
 
 
@@ -127,7 +128,7 @@ def test_controls_are_generated_from_fields_in_their_order(host, tab):
             assert isinstance(control, gr.Radio) and [v for _, v in control.choices] == list(spec.choices)
         elif spec.kind == "bool":
             assert isinstance(control, gr.Checkbox)
-        elif spec.kind in ("checkpoint", "controlnet"):
+        elif spec.kind in ("checkpoint", "controlnet", "ipadapter", "clipvision"):
             assert isinstance(control, gr.Dropdown)
         elif spec.kind == "image":
             assert isinstance(control, gr.Image) and control.type == "numpy" and control.value is None

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SettingError
-from .settings import CONTROL_FIELDS, FIELD_BY_INFOTEXT, FIELDS, NAME_KINDS, DeltaSettings, FieldSpec, field
+from .settings import FIELD_BY_INFOTEXT, FIELDS, NAME_KINDS, PART_OF, DeltaSettings, FieldSpec, field
 
 # A1111 1.10.1 modules/infotext_utils.py
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -41,7 +41,8 @@ SOURCE_HASH = "Delta source hash"
 ADAPTED_HASH = "Delta adapted hash"
 ADAPTER_HASHES = "Delta adapter hashes"
 CONTROL_HASH = "Delta control hash"      # the ControlNet file (the image's hash is a setting's key)
-EXTRA_KEYS = (SOURCE_HASH, ADAPTED_HASH, ADAPTER_HASHES, CONTROL_HASH)
+IP_HASH = "Delta IP-Adapter hash"         # the IP-Adapter file
+EXTRA_KEYS = (SOURCE_HASH, ADAPTED_HASH, ADAPTER_HASHES, CONTROL_HASH, IP_HASH)
 PREFIX = "Delta "
 
 
@@ -140,8 +141,8 @@ def settings_to_infotext(s: DeltaSettings, extra: Mapping[str, str] | None = Non
         value = getattr(s, spec.name)
         if spec.kind in ("text", *NAME_KINDS, "image") and value == "":
             continue
-        if spec.name in CONTROL_FIELDS and not s.control_model:
-            continue            # no ControlNet: its settings are not part of the image
+        if spec.name in PART_OF and not getattr(s, PART_OF[spec.name]):
+            continue            # no ControlNet / IP-Adapter: their settings are not part of the image
         out[spec.infotext] = infotext_value(spec.infotext, spec.format(value))
     for key, value in (extra or {}).items():
         if not RE_KEY.fullmatch(key) or key in FIELD_BY_INFOTEXT:

@@ -25,8 +25,8 @@ from ..runtime.names import path_problem
 from ..runtime.preprocess import PREPROCESSORS
 from .schedule import SHAPES
 
-KINDS = ("bool", "float", "int", "choice", "text", "checkpoint", "controlnet", "image")
-NAME_KINDS = ("checkpoint", "controlnet")   # a model file named as the WebUI lists it
+KINDS = ("bool", "float", "int", "choice", "text", "checkpoint", "controlnet", "ipadapter", "clipvision", "image")
+NAME_KINDS = ("checkpoint", "controlnet", "ipadapter", "clipvision")   # a model file named as the WebUI lists it
 GUIDANCE_MODES = ("full", "cond")
 RESOLUTIONS = ("target", "native")
 CONTROL_MODES = ("balanced", "prompt", "control")   # runtime/control.py (sd-webui-controlnet's three modes)
@@ -73,8 +73,9 @@ class FieldSpec:
             return "Use true or false"
         if self.kind == "checkpoint":
             return "Use the checkpoint's name as the WebUI lists it (empty for none)"
-        if self.kind == "controlnet":
-            return "Use the ControlNet model's name as the WebUI lists it (empty for none)"
+        if self.kind in ("controlnet", "ipadapter", "clipvision"):
+            what = {"controlnet": "ControlNet", "ipadapter": "IP-Adapter", "clipvision": "CLIP vision encoder"}[self.kind]
+            return f"Use the {what}'s name as the Delta Sampling list shows it (empty for none)"
         if self.kind == "image":
             return "Use an image: base64 PNG/JPEG/WebP data (a data: URL works), or empty for none"
         return "Use text (empty for the default)"
@@ -278,10 +279,23 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("control_preprocessor", "Control preprocessor", "Delta control preprocessor", "none", "choice",
               "none: the image is the ControlNet's input as it is; invert: a black-on-white sketch; canny: edges "
               "(OpenCV).", choices=PREPROCESSORS, xyz="Delta control preprocessor"),
+    # IP-Adapter on the adapted source (issue 12)
+    FieldSpec("ip_adapter", "IP-Adapter on the source (optional)", "Delta IP-Adapter", "", "ipadapter",
+              "An IP-Adapter of the source's family (e.g. ip-adapter-plus_sd15), applied to the adapted source only."),
+    FieldSpec("ip_encoder", "CLIP vision encoder", "Delta IP-Adapter encoder", "", "clipvision",
+              "The image encoder the IP-Adapter was trained with (ViT-H/14 for the SD 1.5 ones)."),
+    FieldSpec("ip_image", "IP-Adapter image", "Delta IP-Adapter image hash", "", "image",
+              "The image prompt; centre-cropped to a square as CLIP sees it."),
+    FieldSpec("ip_weight", "IP-Adapter weight", "Delta IP-Adapter weight", 1.0, "float",
+              "How strongly the image prompt steers the adapted source.",
+              minimum=0.0, maximum=2.0, ui_minimum=0.0, ui_maximum=2.0, step=0.05, xyz="Delta IP-Adapter weight"),
 )
 
 FIELD_BY_NAME: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
 CONTROL_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.name.startswith("control_"))
+IP_FIELDS: tuple[str, ...] = tuple(f.name for f in FIELDS if f.name.startswith("ip_"))
+# Optional parts: their settings mean something (and are written to infotext) only with the model chosen.
+PART_OF: dict[str, str] = {**{n: "control_model" for n in CONTROL_FIELDS}, **{n: "ip_adapter" for n in IP_FIELDS}}
 FIELD_BY_INFOTEXT: dict[str, FieldSpec] = {f.infotext: f for f in FIELDS}
 # X/Y/Z axes, the delta scale first, then the UI order.
 XYZ_FIELDS: tuple[FieldSpec, ...] = tuple(sorted((f for f in FIELDS if f.xyz), key=lambda f: f.name != "scale"))
@@ -354,6 +368,10 @@ class DeltaSettings:
     control_end: float = 1.0
     control_mode: str = "balanced"
     control_preprocessor: str = "none"
+    ip_adapter: str = ""                  # "": no IP-Adapter
+    ip_encoder: str = ""
+    ip_image: Any = ""                    # ControlImage, or "" for none
+    ip_weight: float = 1.0
 
     def __post_init__(self) -> None:
         values = checked_values({f.name: getattr(self, f.name) for f in fields(self)})
@@ -391,6 +409,18 @@ class DeltaSettings:
         return SourceControl(net, self.control_image.tensor(self.control_preprocessor), weight=self.control_weight,
                              start=self.control_start, end=self.control_end, mode=self.control_mode)
 
+    def to_image_prompt(self, adapter: Any, encoder: Any, unet: Any):
+        """The runtime's `ImagePromptHooks` for the loaded IP-Adapter and CLIP vision encoder on the
+        adapted model's `unet` (runtime/image_prompt.py); the image is encoded here, once."""
+        from ..runtime.image_prompt import ImagePromptHooks
+        from ..runtime.ipadapter import image_prompt_tokens
+        cond, uncond = image_prompt_tokens(adapter, encoder, self.ip_image.tensor().to(encoder.model.device))
+        try:
+            return ImagePromptHooks(unet, adapter.kv_layers(), cond, uncond, self.ip_weight)
+        except ValueError as exc:
+            raise SettingError(FIELD_BY_NAME["ip_adapter"].subject(), f"{self.ip_adapter!r} does not fit the source "
+                               f"model ({exc})", "Use an IP-Adapter made for the source's family") from None
+
     def control_problem(self) -> SettingError | None:
         """Why the ControlNet settings cannot run (checked when a generation starts, not here: a
         pasted infotext names the ControlNet but never carries the image)."""
@@ -398,4 +428,10 @@ class DeltaSettings:
             spec = FIELD_BY_NAME["control_image"]
             return SettingError(spec.subject(), f"the ControlNet {self.control_model!r} is chosen but no control "
                                 "image is given", "Add the (preprocessed) control image, or choose no ControlNet")
+        if self.ip_adapter and not self.ip_image:
+            return SettingError(FIELD_BY_NAME["ip_image"].subject(), f"the IP-Adapter {self.ip_adapter!r} is chosen "
+                                "but no image is given", "Add the image prompt, or choose no IP-Adapter")
+        if self.ip_adapter and not self.ip_encoder:
+            return SettingError(FIELD_BY_NAME["ip_encoder"].subject(), f"the IP-Adapter {self.ip_adapter!r} needs "
+                                "its CLIP vision encoder", "Pick the encoder it was trained with (ViT-H/14 for SD 1.5)")
         return None

@@ -18,7 +18,8 @@ SCHEDULE_LABELS = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponen
 MAX_STEPS, MAX_BATCH, MAX_SIZE, MAX_CFG = 150, 8, 2048, 30.0
 # Settings given by their own flags (paths), implied by running `generate`, or without meaning
 # here (the runner has no hires pass).
-NOT_FLAGS = {"enabled", "source_checkpoint", "adapted_checkpoint", "hires", "control_model", "control_image"}
+NOT_FLAGS = {"enabled", "source_checkpoint", "adapted_checkpoint", "hires", "control_model", "control_image",
+             "ip_adapter", "ip_encoder", "ip_image"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lllyasviel or diffusers layout)")
     models.add_argument("--control-image", type=Path,
                         help="the ControlNet's input image, already preprocessed (an edge, depth or pose map)")
+    models.add_argument("--ip-adapter", type=Path,
+                        help="an IP-Adapter of the source's family (ip-adapter_sd15, ip-adapter-plus_sd15, ...), applied "
+                             "to the adapted source; needs --ip-encoder and --ip-image")
+    models.add_argument("--ip-encoder", type=Path, help="the IP-Adapter's CLIP vision encoder (HF layout)")
+    models.add_argument("--ip-image", type=Path, help="the image prompt for the IP-Adapter")
     models.add_argument("--vae", type=Path, help="VAE file for decoding (default: the target checkpoint's own)")
     models.add_argument("--lora-dir", type=Path, action="append", default=[],
                         help="folder holding the <lora:NAME> files (searched with its subfolders; repeatable)")
@@ -97,7 +103,11 @@ def settings_from_args(args: argparse.Namespace) -> DeltaSettings:
                                  "adapted_checkpoint": args.adapted.name if args.adapted else ""}
     control = getattr(args, "control", None)
     if control is not None:
-        values["control_model"] = control.stem   # the image itself is read by the generate command
+        values["control_model"] = control.stem   # the images themselves are read by the generate command
+    for name in ("ip_adapter", "ip_encoder"):
+        path = getattr(args, name, None)
+        if path is not None:
+            values[name] = path.stem
     for spec in FIELDS:
         raw = getattr(args, f"ds_{spec.name}", None)
         if raw is not None:

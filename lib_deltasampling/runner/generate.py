@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..engine.infotext import (ADAPTER_HASHES, ADAPTED_HASH, CONTROL_HASH, SOURCE_HASH, format_parameters,
-                               settings_to_infotext)
+from ..engine.infotext import (ADAPTER_HASHES, ADAPTED_HASH, CONTROL_HASH, IP_HASH, SOURCE_HASH,
+                               format_parameters, settings_to_infotext)
 from ..engine.sampler import DeltaSampler
 from ..engine.settings import ControlImage, DeltaSettings, field
 from ..errors import SettingError, UserError
@@ -63,7 +63,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _check_paths(args: argparse.Namespace) -> None:
     for flag, path in (("--target", args.target), ("--source", args.source), ("--adapted", args.adapted),
-                       ("--vae", args.vae), ("--control", args.control), ("--control-image", args.control_image)):
+                       ("--vae", args.vae), ("--control", args.control), ("--control-image", args.control_image),
+                       ("--ip-adapter", args.ip_adapter), ("--ip-encoder", args.ip_encoder),
+                       ("--ip-image", args.ip_image)):
         if path is not None and not path.is_file():
             problem = "is a folder, not a model file" if path.is_dir() else "file not found"
             raise UserError(str(path), problem, f"Give {flag} the path of a model file")
@@ -146,12 +148,18 @@ def run(args: argparse.Namespace) -> list[Path]:
                            "Give both --control FILE and --control-image IMAGE, or neither")
     control_image = (ControlImage.of(args.control_image.read_bytes(), str(args.control_image))
                      if args.control_image else None)
+    ip_given = [args.ip_adapter is not None, args.ip_encoder is not None, args.ip_image is not None]
+    if any(ip_given) and not all(ip_given):
+        raise SettingError("--ip-adapter / --ip-encoder / --ip-image", "an IP-Adapter needs all three",
+                           "Give --ip-adapter FILE --ip-encoder CLIP_VISION_FILE --ip-image IMAGE, or none of them")
+    ip_image = ControlImage.of(args.ip_image.read_bytes(), str(args.ip_image)) if args.ip_image else None
+    settings = settings.replace(control_image=control_image or "", ip_image=ip_image or "")
     adapter_files = [(request.name, find_adapter(request.name, args.lora_dir)) for request in requests]
     seeds = image_seeds(fixed_seed(args.seed), args.batch)
     outputs = plan_outputs(args.out, seeds, compare=args.compare, latent_out=args.latent_out,
                            overwrite=args.overwrite,
                            inputs=[args.target, args.source, args.adapted, args.vae, args.control, args.control_image,
-                                   *(p for _, p in adapter_files)])
+                                   args.ip_adapter, args.ip_encoder, args.ip_image, *(p for _, p in adapter_files)])
 
     tokenizer = ClipTokenizer.find(args.vocab, configure="--vocab")
     target = load_model(args.target, prediction=args.prediction, placement=placement, tokenizer=tokenizer,
@@ -166,12 +174,19 @@ def run(args: argparse.Namespace) -> list[Path]:
     for request, (_, path) in zip(requests, adapter_files):
         adapters.add(path, name=request.name, unet_multiplier=request.unet_multiplier,
                      te_multiplier=request.te_multiplier)
-    pair = SourcePair(source, adapters, adapted)
+    image_prompt = None
+    if args.ip_adapter is not None:
+        from ..runtime.clip_vision import load_clip_vision
+        from ..runtime.ipadapter import load_ip_adapter
+        ip = load_ip_adapter(args.ip_adapter, device=placement.device, dtype=placement.dtype)
+        encoder = load_clip_vision(args.ip_encoder, device=placement.device, dtype=placement.dtype)
+        image_prompt = settings.to_image_prompt(ip, encoder, adapted_model.unet)
+    pair = SourcePair(source, adapters, adapted, image_prompt)
     control = None
     if args.control is not None:
         from ..runtime.controlnet import load_controlnet
         net = load_controlnet(args.control, device=placement.device, dtype=placement.dtype, for_family=source.family)
-        control = settings.replace(control_image=control_image).to_control(net)
+        control = settings.to_control(net)
         control.check(source)
     library = EmbeddingLibrary.for_text_stack(args.embeddings_dir, source.text) if args.embeddings_dir else None
 
@@ -209,8 +224,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                            noise_sampler=noise_source.noise_sampler())
 
     latents = generate(True, "delta")
-    params = _infotext(args, settings.replace(control_image=control_image or ""), sampler, schedule, steps,
-                       adapter_files)
+    params = _infotext(args, settings, sampler, schedule, steps, adapter_files)
     written = _write_images(vae, target, latents, prompts, seeds, params, outputs.images, outputs.overwrite)
     if args.compare:
         plain = {k: v for k, v in params.items() if not k.startswith("Delta ")}
@@ -236,6 +250,8 @@ def _infotext(args, settings: DeltaSettings, sampler, schedule, steps: int, adap
         extra[ADAPTED_HASH] = _short(args.adapted)
     if args.control:
         extra[CONTROL_HASH] = _short(args.control)
+    if args.ip_adapter:
+        extra[IP_HASH] = _short(args.ip_adapter)
     if adapter_files:
         from ..engine.infotext import format_hashes
         extra[ADAPTER_HASHES] = format_hashes({name: hashcache.addnet(path)[:12] for name, path in adapter_files})

@@ -242,8 +242,10 @@ def request_error(body: bytes) -> str | None:
                 files.adapter_file(request.name)
             if (problem := settings.control_problem()) is not None:
                 return str(problem)
-            if settings.control_model:
-                files.controlnet_file(settings.control_model)
+            for kind, name in (("controlnet", settings.control_model), ("ipadapter", settings.ip_adapter),
+                               ("clipvision", settings.ip_encoder if settings.ip_adapter else "")):
+                if name:
+                    files.model_file(kind, name)
     except UserError as exc:
         return str(exc)
     return None

@@ -29,7 +29,7 @@ from ..errors import SettingError
 # X/Y/Z axis values travel on the processing object; webui/xyz.py writes a NEW dict per cell.
 OVERRIDES_ATTR = "delta_sampling_overrides"
 NONE_CHOICE = "None"
-NONE_CHOICE_FIELDS = ("adapted_checkpoint", "control_model")  # dropdowns whose empty value is shown as "None"
+NONE_CHOICE_FIELDS = ("adapted_checkpoint", "control_model", "ip_adapter", "ip_encoder")  # dropdowns whose empty value is shown as "None"
 
 
 def ui_value(spec: FieldSpec, value: Any) -> Any:

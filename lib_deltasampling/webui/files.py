@@ -118,11 +118,3 @@ def model_file(kind: str, name: str) -> Path:
     what = MODEL_WHAT[kind]
     return find_named_file(name, _model_dirs(kind), MODEL_SUFFIXES, f'{what} "{name}"',
                            f"Pick it from the Delta Sampling {what} list (press refresh after adding files)")
-
-
-def controlnet_names() -> list[str]:
-    return model_names("controlnet")
-
-
-def controlnet_file(name: str) -> Path:
-    return model_file("controlnet", name)

@@ -54,10 +54,10 @@ def adapter_hash(name: str, path: Path) -> str | None:
     return value[:ADAPTER_SHORT] if value else None
 
 
-def controlnet_hash(path: Path) -> str | None:
-    """The ControlNet file's 10-char sha256 (None under --no-hashing when not cached); cached under
-    "controlnet/NAME", the title sd-webui-controlnet gives its models' hashes."""
+def extra_hash(kind: str, path: Path) -> str | None:
+    """A ControlNet's or IP-Adapter's 10-char sha256 (None under --no-hashing when not cached), kept in
+    the host's cache under "KIND/NAME" (sd-webui-controlnet's title for its models: "controlnet/NAME")."""
     from modules import hashes
 
-    value = hashes.sha256(str(path), f"controlnet/{path.stem}")
+    value = hashes.sha256(str(path), f"{kind}/{path.stem}")
     return value[:CHECKPOINT_SHORT] if value else None

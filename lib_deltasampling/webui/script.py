@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.infotext import (ADAPTED_HASH, ADAPTER_HASHES, CONTROL_HASH, SOURCE_HASH, format_hashes,
+from ..engine.infotext import (ADAPTED_HASH, ADAPTER_HASHES, CONTROL_HASH, IP_HASH, SOURCE_HASH, format_hashes,
                                settings_to_infotext)
 from ..engine.sampler import DeltaSampler, SourceStats
 from ..engine.schedule import never_applies
@@ -27,6 +27,7 @@ from ..engine.settings import DeltaSettings
 from ..errors import SettingError, UserError
 from ..runtime.adapters.tags import adapter_requests
 from ..runtime.control import SourceControl
+from ..runtime.controlnet import load_controlnet
 from ..runtime.pair import SourcePair
 from ..runtime.text.embeddings import EmbeddingLibrary
 from ..runtime.text.prompt import extract_extra_networks
@@ -147,7 +148,9 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
                            "Pick the base model your LoRA or fine-tune was made for")
     if (problem := settings.control_problem()) is not None:
         raise problem
-    control_path = files.controlnet_file(settings.control_model) if settings.control_model else None
+    control_path = files.model_file("controlnet", settings.control_model) if settings.control_model else None
+    ip_paths = ((files.model_file("ipadapter", settings.ip_adapter), files.model_file("clipvision", settings.ip_encoder))
+                if settings.ip_adapter else None)
     source_path = files.checkpoint_file(settings.source_checkpoint, 'Delta Sampling "Source base checkpoint"')
     adapted_path = (files.checkpoint_file(settings.adapted_checkpoint, 'Delta Sampling "Adapted checkpoint"')
                     if settings.adapted_checkpoint else None)
@@ -174,16 +177,30 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
             host.make_room(placement.device, model.nbytes())
             model.to(placement)
     adapters = CACHE.adapters(adapted or base, adapter_files, source_path.name)
-    pair = SourcePair(base, adapters, adapted)
+    image_prompt = None
+    if ip_paths is not None:
+        from ..runtime.clip_vision import load_clip_vision
+        from ..runtime.ipadapter import load_ip_adapter
+        ip = CACHE.extra("ipadapter", ip_paths[0], placement,
+                         lambda: load_ip_adapter(ip_paths[0], device=placement.device, dtype=placement.dtype))
+        encoder = CACHE.extra("clipvision", ip_paths[1], placement,
+                              lambda: load_clip_vision(ip_paths[1], device=placement.device, dtype=placement.dtype))
+        image_prompt = settings.to_image_prompt(ip, encoder, (adapted or base).unet)
+    else:
+        CACHE.release_extra("ipadapter")
+        CACHE.release_extra("clipvision")
+    pair = SourcePair(base, adapters, adapted, image_prompt)
     dirs = files.embedding_dirs()
     library = EmbeddingLibrary.for_text_stack(dirs, base.text) if dirs else None
     control = None
     if control_path is not None:
-        net = CACHE.controlnet(control_path, placement, base.family)
+        net = CACHE.extra("controlnet", control_path, placement,
+                          lambda: load_controlnet(control_path, device=placement.device, dtype=placement.dtype,
+                                                  for_family=base.family))
         control = settings.to_control(net)
         control.check(base)
     else:
-        CACHE.release_controlnet()
+        CACHE.release_extra("controlnet")
 
     extra = {SOURCE_HASH: hashes.checkpoint_hash(settings.source_checkpoint, source_path)}
     if adapted_path:
@@ -193,7 +210,9 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
         if all(adapter_hashes.values()):
             extra[ADAPTER_HASHES] = format_hashes(adapter_hashes)
     if control_path is not None:
-        extra[CONTROL_HASH] = hashes.controlnet_hash(control_path)
+        extra[CONTROL_HASH] = hashes.extra_hash("controlnet", control_path)
+    if ip_paths is not None:
+        extra[IP_HASH] = hashes.extra_hash("ipadapter", ip_paths[0])
     extra = {k: v for k, v in extra.items() if v}  # --no-hashing: no key rather than hashing
     return Run(settings, pair, library, settings_to_infotext(settings, extra=extra), control=control)
 

@@ -8,8 +8,10 @@ checkpoint changes if the settings page asks for it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,7 +40,7 @@ class SourceCache:
         self._adapters: dict[tuple, AdapterSet] = {}
         self._tokenizers: dict[tuple, ClipTokenizer] = {}
         self.host_checkpoint: str | None = None
-        self._controlnet: tuple | None = None     # (file key and placement, LoadedControlNet)
+        self._extras: dict[str, tuple] = {}      # kind -> (file key and placement, loaded model)
 
     def tokenizer(self, vocab_paths: tuple[Path, ...], webui_root: Path | None) -> ClipTokenizer:
         key = (vocab_paths, webui_root)
@@ -70,23 +72,25 @@ class SourceCache:
             self._adapters[key] = adapters
         return adapters
 
-    def controlnet(self, path: Path, placement: Placement, family):
-        """The ControlNet of `path` on `placement` (one kept at a time: a second replaces the first)."""
-        key = (_file_key(path), placement, family)
-        if self._controlnet is not None and self._controlnet[0] == key:
-            return self._controlnet[1]
-        self.release_controlnet()
-        from ..runtime.controlnet import load_controlnet
-        log.info("loading ControlNet %s (%s)", path.name, placement)
-        net = load_controlnet(path, device=placement.device, dtype=placement.dtype, for_family=family)
-        self._controlnet = (key, net)
-        return net
+    def extra(self, kind: str, path: Path, placement: Placement, load: Callable[[], Any]) -> Any:
+        """The extra model of `kind` ("controlnet", "ipadapter", "clipvision") from `path`, loaded by
+        `load()` when not held already; one per kind (another file replaces it)."""
+        key = (_file_key(path), placement)
+        held = self._extras.get(kind)
+        if held is not None and held[0] == key:
+            return held[1]
+        self.release_extra(kind)
+        log.info("loading %s %s (%s)", kind, path.name, placement)
+        loaded = load()
+        self._extras[kind] = (key, loaded)
+        return loaded
 
-    def release_controlnet(self) -> None:
-        if self._controlnet is not None:
-            _, net = self._controlnet
-            self._controlnet = None
-            net.release()
+    def release_extra(self, kind: str | None = None) -> None:
+        """Free the extra model of `kind` (every kind: None)."""
+        for k in [kind] if kind else list(self._extras):
+            held = self._extras.pop(k, None)
+            if held is not None:
+                held[1].release()
 
     def keep_only(self, models: list[SourceModel]) -> None:
         """Free every model not in `models` (and the adapters on them)."""
@@ -102,13 +106,13 @@ class SourceCache:
         for model in self._models.values():
             if model.placement.device.type != "cpu":
                 model.to(Placement(torch.device("cpu"), model.placement.dtype, model.placement.weights))
-        self.release_controlnet()   # small next to a source model: reloaded when used again
+        self.release_extra()   # small next to a source model: reloaded when used again
         empty_device_caches()
 
     def release_all(self) -> None:
         """Free every model, their adapters and the tokenizer (rebuilt in well under a second)."""
         self.keep_only([])
-        self.release_controlnet()
+        self.release_extra()
         self._tokenizers.clear()
 
     @property

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.settings import CONTROL_FIELDS, FIELD_BY_NAME, FIELDS, FieldSpec
+from ..engine.settings import FIELD_BY_NAME, FIELDS, FieldSpec
 from . import paste
 from .args import NONE_CHOICE, NONE_CHOICE_FIELDS, ui_value
 
@@ -29,7 +29,8 @@ class UiChoices:
     loras: Callable[[], list[tuple[str, str]]]            # (name for <lora:name:w>, label with family)
     refresh_checkpoints: Callable[[], None] | None = None  # default: modules.sd_models.list_models
     refresh_loras: Callable[[], None] | None = None        # default: the Lora extension's re-scan
-    controlnets: Callable[[], list[str]] | None = None     # ControlNet names; default: webui/files.py
+    models: Callable[[str], list[str]] | None = None       # names of a model kind ("controlnet", ...);
+                                                           # default: webui/files.py model_names
 
 
 # Rows of the accordion. A field missing here still gets a control, in a row of its own at the end.
@@ -44,8 +45,11 @@ LAYOUT: tuple[tuple[str, ...], ...] = (
     ("control_model", "control_mode"),
     ("control_image", "control_preprocessor"),
     ("control_weight", "control_start", "control_end"),
+    ("ip_adapter", "ip_encoder"),
+    ("ip_image", "ip_weight"),
 )
-CONTROL_ACCORDION = "ControlNet on the adapted source"
+# Sections (closed accordions) for the optional parts, by the first field of their rows
+SECTIONS = {"control_": "ControlNet on the adapted source", "ip_": "IP-Adapter on the adapted source"}
 TEXT_LINES = {"adapters": 2, "source_prompt": 2, "source_negative": 2}
 PLACEHOLDERS = {
     "adapters": "<lora:name:1> embedding-name trigger words",
@@ -96,15 +100,20 @@ def build_ui(script: Any, is_img2img: bool, choices: UiChoices) -> list:
         _tooltip(accordion.accordion, enabled.tooltip)
         controls["enabled"] = accordion
         rows = layout_rows()
-        for row in (r for r in rows if not set(r) & set(CONTROL_FIELDS)):
+        for row in (r for r in rows if not _section(r)):
             _row(gr, row, controls, script, is_img2img, choices)
-        with gr.Accordion(CONTROL_ACCORDION, open=False, elem_id=script.elem_id("control_accordion")):
-            for row in (r for r in rows if set(r) & set(CONTROL_FIELDS)):
-                _row(gr, row, controls, script, is_img2img, choices)
+        for prefix, title in SECTIONS.items():
+            with gr.Accordion(title, open=False, elem_id=script.elem_id(f"{prefix}accordion")):
+                for row in (r for r in rows if _section(r) == prefix):
+                    _row(gr, row, controls, script, is_img2img, choices)
 
     script.infotext_fields = paste.infotext_fields(controls)
     script.paste_field_names = paste.paste_field_names()
     return [controls[f.name] for f in FIELDS]
+
+
+def _section(row: tuple[str, ...]) -> str | None:
+    return next((prefix for prefix in SECTIONS if row[0].startswith(prefix)), None)
 
 
 def _row(gr: Any, row: tuple[str, ...], controls: dict, script: Any, is_img2img: bool, choices: UiChoices) -> None:
@@ -117,8 +126,8 @@ def _control(gr: Any, spec: FieldSpec, script: Any, is_img2img: bool, choices: U
     common = {"label": spec.label, "elem_id": script.elem_id(spec.name), "tooltip": spec.tooltip}
     if spec.kind == "checkpoint":
         return _checkpoint_dropdown(gr, spec, script, choices, common)
-    if spec.kind == "controlnet":
-        return _controlnet_dropdown(gr, spec, script, choices, common)
+    if spec.kind in MODEL_KINDS:
+        return _model_dropdown(gr, spec, script, choices, common)
     if spec.kind == "image":
         return gr.Image(type="numpy", **common)
     if spec.name == "adapters":
@@ -158,19 +167,23 @@ def _checkpoint_dropdown(gr: Any, spec: FieldSpec, script: Any, choices: UiChoic
     return dropdown
 
 
-def _controlnet_choices(choices: UiChoices) -> list[str]:
-    if choices.controlnets is not None:
-        return [NONE_CHOICE, *choices.controlnets()]
-    from .files import controlnet_names
-    return [NONE_CHOICE, *controlnet_names()]
+MODEL_KINDS = ("controlnet", "ipadapter", "clipvision")   # files listed from their folders (webui/files.py)
 
 
-def _controlnet_dropdown(gr: Any, spec: FieldSpec, script: Any, choices: UiChoices, common: dict) -> Any:
+def _model_choices(kind: str, choices: UiChoices) -> list[str]:
+    if choices.models is not None:
+        return [NONE_CHOICE, *choices.models(kind)]
+    from .files import model_names
+    return [NONE_CHOICE, *model_names(kind)]
+
+
+def _model_dropdown(gr: Any, spec: FieldSpec, script: Any, choices: UiChoices, common: dict) -> Any:
+    """A ControlNet / IP-Adapter / CLIP vision dropdown; refresh lists the folders again."""
     from modules.ui_common import create_refresh_button
 
     with gr.Row():
-        dropdown = gr.Dropdown(choices=_controlnet_choices(choices), value=ui_value(spec, spec.default), **common)
-        create_refresh_button(dropdown, lambda: None, lambda: {"choices": _controlnet_choices(choices)},
+        dropdown = gr.Dropdown(choices=_model_choices(spec.kind, choices), value=ui_value(spec, spec.default), **common)
+        create_refresh_button(dropdown, lambda: None, lambda: {"choices": _model_choices(spec.kind, choices)},
                               script.elem_id(f"{spec.name}_refresh"))
     return dropdown
 

@@ -16,7 +16,7 @@ import pytest
 import models
 from host import CACHE, FLAVOURS, SHARED_HOSTS, WebUI
 
-from models import CONTROLNET, LORA, MODELS_VERSION, SOURCE, TARGET
+from models import CLIP_VISION, CONTROLNET, IPADAPTER, LORA, MODELS_VERSION, SOURCE, TARGET
 
 
 def model_dir() -> Path:
@@ -39,6 +39,10 @@ def sd15_models() -> dict[str, Path]:
         "lora": ensure_file(d / "Lora" / f"{LORA}.safetensors", lambda p: models.write_lora(p, seed=3)),
         "controlnet": ensure_file(d / "ControlNet" / f"{CONTROLNET}.safetensors",
                                   lambda p: models.write_controlnet(p, seed=4)),
+        "ipadapter": ensure_file(d / "ipadapter" / f"{IPADAPTER}.safetensors",
+                                 lambda p: models.write_ip_adapter(p, seed=5)),
+        "clip_vision": ensure_file(d / "clip_vision" / f"{CLIP_VISION}.safetensors",
+                                   lambda p: models.write_clip_vision(p, seed=6)),
     }
 
 

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from models import CONTROLNET, LORA, SOURCE
+from models import CLIP_VISION, CONTROLNET, IPADAPTER, LORA, SOURCE
 
 SCALE_KEY = "Delta scale"
 
@@ -136,6 +136,7 @@ BAD_ARGUMENTS = [
     (ds(control_model=CONTROLNET), ["control_image", "no control image"]),
     (ds(control_model=CONTROLNET, control_image="not an image"), ["control_image", "base64"]),
     (ds(control_model="no-such-controlnet", control_image=control_image()), ["no-such-controlnet", "ControlNet"]),
+    (ds(ip_adapter=IPADAPTER, ip_image=control_image()), ["ip_encoder", "CLIP vision"]),
 ]
 
 
@@ -161,6 +162,24 @@ def check_controlnet_on_the_source(host) -> None:
                             control_preprocessor="canny"), prompt="a house")
     assert canny.params["Delta control preprocessor"] == "canny"
     assert changed(canny.image(), plain.image()) and not np.array_equal(canny.image(), on.image())
+
+
+def check_ip_adapter_on_the_source(host) -> None:
+    """An IP-Adapter on the adapted source changes the image; weight 0 gives exactly the image without it."""
+    from lib_deltasampling.engine.settings import ControlImage
+
+    image = init_image()
+    ip = dict(ip_adapter=IPADAPTER, ip_encoder=CLIP_VISION, ip_image=image)
+    plain = host.txt2img(ds(), prompt="a house")
+    on = host.txt2img(ds(**ip, ip_weight=1.5), prompt="a house")
+    zero = host.txt2img(ds(**ip, ip_weight=0.0), prompt="a house")
+    assert changed(on.image(), plain.image())
+    assert np.array_equal(zero.image(), plain.image())
+    params = on.params
+    assert params["Delta IP-Adapter"] == IPADAPTER and params["Delta IP-Adapter encoder"] == CLIP_VISION
+    assert params["Delta IP-Adapter image hash"] == ControlImage.of(image, "test").short_hash
+    assert re.fullmatch(r"[0-9a-f]{10}", params["Delta IP-Adapter hash"])
+    assert "Delta IP-Adapter" not in plain.infotexts[0]
 
 
 def check_bad_arguments(host, args: dict, words: list[str]) -> None:

@@ -155,19 +155,21 @@ class WebUI:
             env["DS_PROBE_FILE"] = str(self.probe_file)
         return env
 
-    def _place_controlnets(self) -> None:
-        """The cached ControlNets into the host's own models/ControlNet (where users keep them; a
-        symlink out of the folder would be refused): hard links, or copies across filesystems."""
-        cached = self.ckpt_dir.parent / "ControlNet"
-        folder = self.data_dir / "models" / "ControlNet"
-        folder.mkdir(parents=True, exist_ok=True)
-        for path in cached.glob("*.safetensors") if cached.is_dir() else []:
-            placed = folder / path.name
-            if not placed.exists():
-                try:
-                    os.link(path, placed)
-                except OSError:
-                    shutil.copyfile(path, placed)
+    def _place_extra_models(self) -> None:
+        """The cached ControlNets, IP-Adapters and CLIP vision encoders into the host's own models/
+        folders (where users keep them; a symlink out of the folder would be refused): hard links, or
+        copies across filesystems."""
+        for kind in ("ControlNet", "ipadapter", "clip_vision"):
+            cached = self.ckpt_dir.parent / kind
+            folder = self.data_dir / "models" / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in cached.glob("*.safetensors") if cached.is_dir() else []:
+                placed = folder / path.name
+                if not placed.exists():
+                    try:
+                        os.link(path, placed)
+                    except OSError:
+                        shutil.copyfile(path, placed)
 
     def start(self, checkpoint: str, options: dict | None = None, timeout: float = 600) -> None:
         """Start with `checkpoint` as the WebUI's model and `options` in config.json; wait until ready."""
@@ -177,7 +179,7 @@ class WebUI:
             link = self.data_dir / "extensions" / name
             if not link.exists():
                 link.symlink_to(target, target_is_directory=True)
-        self._place_controlnets()
+        self._place_extra_models()
         config = {"sd_model_checkpoint": checkpoint, "live_previews_enable": False, "sd_checkpoint_cache": 0,
                   **self.kind.config(), **(options or {})}
         (self.data_dir / "config.json").write_text(json.dumps(config))

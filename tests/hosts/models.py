@@ -32,6 +32,8 @@ SOURCE = "source-sd15.safetensors"
 SDXL_TARGET = "sdxl-target.safetensors"
 LORA = "dslora"
 CONTROLNET = "dscontrol-sd15"
+IPADAPTER = "ds-ip-adapter_sd15"          # plain, full size (its CLIP input: 1024-wide image embeddings)
+CLIP_VISION = "ds-clip-vision-small"      # a small HF-layout encoder with ViT-H's 1024 projection
 DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
 VOCAB, CONTEXT = 49408, 77
 
@@ -149,6 +151,28 @@ def write_controlnet(path: Path, seed: int, dtype: torch.dtype = torch.float16) 
         shapes = {"control_model." + k: tuple(v.shape) for k, v in ControlNet(SD15_UNET.encoder()).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     return write_streamed(path, shapes, lambda k, s: random_tensor(k, s, gen, dtype), dtype)
+
+
+def write_ip_adapter(path: Path, seed: int) -> Path:
+    """A full-size plain SD1.5 IP-Adapter (.safetensors flat keys): the image projection to 4 tokens of
+    768 and one (to_k_ip, to_v_ip) pair per cross-attention, in diffusers' processor order."""
+    from factory_ipadapter import flat_ip_adapter, kv_weights, nested_ip_adapter, plain_image_proj
+    from lib_deltasampling.runtime.image_prompt import attn2_in_diffusers_order
+    with torch.device("meta"):
+        widths = [m.to_k.out_features for m in attn2_in_diffusers_order(UNetModel(SD15_UNET))]
+    tensors = flat_ip_adapter(nested_ip_adapter(plain_image_proj(1024, 768, seed=seed), kv_weights(768, widths, seed)))
+    from safetensors.torch import save_file
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def write_clip_vision(path: Path, seed: int) -> Path:
+    """A small CLIP vision encoder (HF layout, 224 px, patch 14) whose projection has ViT-H's width."""
+    from factory_ipadapter import clip_vision_state
+    from safetensors.torch import save_file
+    tensors = clip_vision_state(width=128, layers=2, projection=1024, image=224, patch=14, seed=seed)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(path))
+    return path
 
 
 # ------------------------------------------------------------------ a kohya LoRA for SD1.5

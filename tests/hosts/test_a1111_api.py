@@ -15,7 +15,7 @@ import pytest
 
 from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
                          check_controlnet_on_the_source, check_img2img_on_off_and_scale_zero,
-                         check_png_info_round_trip, check_sampler, check_xyz_over_delta_scale, delta_keys, ds)
+                         check_ip_adapter_on_the_source, check_png_info_round_trip, check_sampler, check_xyz_over_delta_scale, delta_keys, ds)
 from models import LORA, SOURCE, TARGET
 
 # ------------------------------------------------------------------ txt2img: on, off, scale 0
@@ -52,6 +52,10 @@ def test_scale_zero_loads_nothing_and_runs_no_source(hosts):
 
 def test_controlnet_on_the_source(real_a1111):
     check_controlnet_on_the_source(real_a1111)
+
+
+def test_ip_adapter_on_the_source(real_a1111):
+    check_ip_adapter_on_the_source(real_a1111)
 
 
 def test_one_console_line_per_generation(real_a1111):
