@@ -19,22 +19,14 @@ from __future__ import annotations
 
 import torch
 
+from factory_text import _Rand as TextRand
+
 # tiny CLIP vision: 32 px, 8 px patches (16 patches + class token)
 IMAGE, PATCH = 32, 8
 
 
-class _Rand:
-    def __init__(self, seed: int) -> None:
-        self.g = torch.Generator().manual_seed(seed)
-
-    def linear(self, out_f: int, in_f: int) -> torch.Tensor:
-        return torch.randn(out_f, in_f, generator=self.g) / in_f ** 0.5
-
-    def vec(self, n: int, scale: float = 0.1, base: float = 0.0) -> torch.Tensor:
-        return base + scale * torch.randn(n, generator=self.g)
-
-    def table(self, *shape: int, scale: float = 0.5) -> torch.Tensor:
-        return scale * torch.randn(*shape, generator=self.g)
+class _Rand(TextRand):
+    """factory_text's random draws, plus a norm layer's pair."""
 
     def norm(self, sd: dict, name: str, n: int) -> None:
         sd[name + ".weight"] = self.vec(n, base=1.0)

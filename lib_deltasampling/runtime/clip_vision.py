@@ -55,7 +55,7 @@ from ..errors import ModelFileError
 from .checkpoint import TensorStore, open_store
 from .detect import LORA_KEY_PATTERN, UNET_PREFIX
 from .loading import load_strict
-from .placement import module_nbytes, release_module
+from .placement import LoadedPart
 from .text.clip import HFEncoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -282,7 +282,7 @@ def detect_clip_vision(store: TensorStore, *, heads: int | None = None, act: Act
 
 
 @dataclass
-class LoadedClipVision:
+class LoadedClipVision(LoadedPart):
     info: ClipVisionInfo
     model: ClipVision
     released: bool = field(default=False, init=False)
@@ -294,15 +294,6 @@ class LoadedClipVision:
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [N, 3, H, W] in 0..1 -> `ClipVision.encode` of their preprocessed pixels."""
         return self.model.encode(self.preprocess(images))
-
-    def nbytes(self) -> int:
-        return module_nbytes(self.model)
-
-    def release(self) -> None:
-        """Free every weight now (even if something else still references the module)."""
-        if not self.released:
-            release_module(self.model)
-            self.released = True
 
 
 def load_clip_vision(source: str | Path | TensorStore, *, device: torch.device | str = "cpu",

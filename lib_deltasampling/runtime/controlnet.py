@@ -46,7 +46,7 @@ from .adapters.keys import controlnet_block_names, ldm_names_from_diffusers
 from .checkpoint import TensorStore, open_store
 from .detect import LORA_KEY_PATTERN, UNET_PREFIX, Family
 from .loading import load_strict
-from .placement import module_nbytes, release_module
+from .placement import LoadedPart
 from .unet import (check_unet_config, make_input_blocks, make_label_emb, make_middle_block, make_time_embed,
                    timestep_embedding)
 from .unet_config import UNetConfig, unet_config_from_store
@@ -288,19 +288,11 @@ def detect_controlnet(store: TensorStore, *, for_family: Family | None = None) -
 # ---------------------------------------------------------------------------- loading
 
 @dataclass
-class LoadedControlNet:
+class LoadedControlNet(LoadedPart):
     info: ControlNetInfo
     model: ControlNet
     released: bool = field(default=False, init=False)
-
-    def nbytes(self) -> int:
-        return module_nbytes(self.model)
-
-    def release(self) -> None:
-        """Free every weight now (even if something else still references the module)."""
-        if not self.released:
-            release_module(self.model)
-            self.released = True
+    # nbytes(), release(): LoadedPart
 
 
 def load_controlnet(source: str | Path | TensorStore, *, device: torch.device | str = "cpu",

@@ -56,7 +56,7 @@ from .checkpoint import PICKLE_SUFFIXES, TensorStore, load_pickle_tree, open_sto
 from .clip_vision import LoadedClipVision
 from .detect import LORA_KEY_PATTERN, UNET_PREFIX, Family
 from .loading import load_strict
-from .placement import module_nbytes, release_module
+from .placement import LoadedPart
 
 Kind = Literal["plain", "plus"]
 
@@ -345,7 +345,7 @@ ClipOutput = tuple[torch.Tensor, torch.Tensor]  # ClipVision.encode: (image_embe
 
 
 @dataclass
-class LoadedIPAdapter:
+class LoadedIPAdapter(LoadedPart):
     info: IPAdapterInfo
     model: IPAdapter
     released: bool = field(default=False, init=False)
@@ -391,15 +391,6 @@ class LoadedIPAdapter:
                                  f"this IP-Adapter needs CLIP {what} of width {self.info.clip_dim} "
                                  f"({self.info.clip_name}); the CLIP vision model {c.name} gives {got}",
                                  f"Choose the {self.info.clip_name} CLIP vision model for it")
-
-    def nbytes(self) -> int:
-        return module_nbytes(self.model)
-
-    def release(self) -> None:
-        """Free every weight now (even if something else still references the module)."""
-        if not self.released:
-            release_module(self.model)
-            self.released = True
 
 
 def load_ip_adapter(source: str | Path | TensorStore, *, device: torch.device | str = "cpu",

@@ -206,6 +206,25 @@ def release_module(module: nn.Module, *, empty_caches: bool = True) -> None:
         empty_device_caches()  # after _swap_to_meta returned: no local still holds an old tensor
 
 
+class LoadedPart:
+    """Mixin of a loaded model part held as `self.model` (a ControlNet, an IP-Adapter, a CLIP
+    vision encoder): its size, and `release()` freeing its weights now. The class sets
+    `released = False` as a dataclass field."""
+
+    model: nn.Module
+    released: bool
+
+    def nbytes(self) -> int:
+        return module_nbytes(self.model)
+
+    def release(self) -> None:
+        """Free every weight now (even if something else still references the module)."""
+        if not self.released:
+            release_module(self.model)
+            self.released = True
+
+
+
 def _swap_to_meta(module: nn.Module) -> None:
     # old tensor id -> (old tensor, meta stand-in): tied tensors stay tied and keep their shape;
     # holding the (emptied) old tensors until the end keeps their ids unique.
