@@ -370,3 +370,28 @@ def test_install_checks_and_installs_nothing(capsys, monkeypatch):
     assert "surely_no_such_package_x" in out and "torch," not in out and "[Delta Sampling]" in out
     source = (install.__file__ and open(install.__file__, encoding="utf-8").read())
     assert "pip" not in source.replace("a pip run", "") and "launch.run" not in source
+
+
+def test_extra_model_lists_come_from_the_hosts_folders(a1111, tmp_path):  # noqa: F811
+    """ControlNets in models/ControlNet (and sd-webui-controlnet's folder), IP-Adapters there and in
+    models/ipadapter, CLIP vision encoders in models/clip_vision; names resolve to those files only."""
+    files = webui("files")
+    root = a1111.models_path
+    made = {"controlnet": root / "ControlNet" / "canny" / "control_sd15_canny.pth",
+            "ipadapter": root / "ipadapter" / "ip-adapter_sd15.safetensors",
+            "clipvision": root / "clip_vision" / "vit-h.safetensors"}
+    for path in made.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"x")
+    (root / "ControlNet" / "linked.safetensors").symlink_to(outside)
+    assert "control_sd15_canny" in files.model_names("controlnet")
+    assert "control_sd15_canny" in files.model_names("ipadapter")   # sd-webui-controlnet keeps both there
+    assert files.model_names("clipvision") == ["vit-h"]
+    for kind, path in made.items():
+        assert files.model_file(kind, path.stem) == path
+    with pytest.raises(Exception, match="outside the model folders"):
+        files.model_file("controlnet", "linked")
+    with pytest.raises(Exception, match='ControlNet "nope"'):
+        files.model_file("controlnet", "nope")
