@@ -278,6 +278,7 @@ class DeltaSampler:
                             control_on: bool = False) -> torch.Tensor:
         x_s = source_input(x, self.noise, sigma, self.noise_per_sigma, self.target_scale, self.source_scale)
         x_s = resize_latent(x_s, self.source_size)
+        # without a ControlNet the pair is called as before (any object with `denoise(x, sigma, conds)`)
         outs = (self.pair.denoise(x_s, sigma, conds, self._control) if control_on
                 else self.pair.denoise(x_s, sigma, conds))
         if self.params.guidance == "full":

@@ -177,30 +177,14 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
             host.make_room(placement.device, model.nbytes())
             model.to(placement)
     adapters = CACHE.adapters(adapted or base, adapter_files, source_path.name)
-    image_prompt = None
-    if ip_paths is not None:
-        from ..runtime.clip_vision import load_clip_vision
-        from ..runtime.ipadapter import load_ip_adapter
-        ip = CACHE.extra("ipadapter", ip_paths[0], placement,
-                         lambda: load_ip_adapter(ip_paths[0], device=placement.device, dtype=placement.dtype))
-        encoder = CACHE.extra("clipvision", ip_paths[1], placement,
-                              lambda: load_clip_vision(ip_paths[1], device=placement.device, dtype=placement.dtype))
-        image_prompt = settings.to_image_prompt(ip, encoder, (adapted or base).unet)
-    else:
-        CACHE.release_extra("ipadapter")
-        CACHE.release_extra("clipvision")
+    try:
+        image_prompt, control = _extras(settings, base, adapted, placement, control_path, ip_paths)
+    except BaseException:
+        CACHE.release_extra()   # a ControlNet or IP-Adapter that was refused does not stay loaded
+        raise
     pair = SourcePair(base, adapters, adapted, image_prompt)
     dirs = files.embedding_dirs()
     library = EmbeddingLibrary.for_text_stack(dirs, base.text) if dirs else None
-    control = None
-    if control_path is not None:
-        net = CACHE.extra("controlnet", control_path, placement,
-                          lambda: load_controlnet(control_path, device=placement.device, dtype=placement.dtype,
-                                                  for_family=base.family))
-        control = settings.to_control(net)
-        control.check(base)
-    else:
-        CACHE.release_extra("controlnet")
 
     extra = {SOURCE_HASH: hashes.checkpoint_hash(settings.source_checkpoint, source_path)}
     if adapted_path:
@@ -215,6 +199,32 @@ def prepare_run(p, settings: DeltaSettings, options) -> Run:
         extra[IP_HASH] = hashes.extra_hash("ipadapter", ip_paths[0])
     extra = {k: v for k, v in extra.items() if v}  # --no-hashing: no key rather than hashing
     return Run(settings, pair, library, settings_to_infotext(settings, extra=extra), control=control)
+
+
+def _extras(settings: DeltaSettings, base, adapted, placement, control_path, ip_paths) -> tuple:
+    """(ImagePromptHooks or None, SourceControl or None): the IP-Adapter and ControlNet of these
+    settings from the cache (loaded when new), checked against the source; unused kinds freed."""
+    image_prompt = control = None
+    if ip_paths is not None:
+        from ..runtime.clip_vision import load_clip_vision
+        from ..runtime.ipadapter import load_ip_adapter
+        ip = CACHE.extra("ipadapter", ip_paths[0], placement,
+                         lambda: load_ip_adapter(ip_paths[0], device=placement.device, dtype=placement.dtype))
+        encoder = CACHE.extra("clipvision", ip_paths[1], placement,
+                              lambda: load_clip_vision(ip_paths[1], device=placement.device, dtype=placement.dtype))
+        image_prompt = settings.to_image_prompt(ip, encoder, (adapted or base).unet)
+    else:
+        CACHE.release_extra("ipadapter")
+        CACHE.release_extra("clipvision")
+    if control_path is not None:
+        net = CACHE.extra("controlnet", control_path, placement,
+                          lambda: load_controlnet(control_path, device=placement.device, dtype=placement.dtype,
+                                                  for_family=base.family))
+        control = settings.to_control(net)
+        control.check(base)
+    else:
+        CACHE.release_extra("controlnet")
+    return image_prompt, control
 
 
 def _pass_prompts(p, run: Run) -> tuple[list[str], list[str], list[str], list[str]]:
