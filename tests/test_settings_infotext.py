@@ -20,7 +20,8 @@ from lib_deltasampling.errors import SettingError
 from test_png import A1111_RE_PARAM, a1111_create_infotext, a1111_parse_generation_parameters
 
 PYTHON_TYPE = {"bool": bool, "float": float, "int": int, "choice": str, "text": str, "checkpoint": str,
-               "controlnet": str, "ipadapter": str, "clipvision": str, "image": typing.Any}
+               "controlnet": str, "ipadapter": str, "clipvision": str, "image": typing.Any,
+               "preprocessor": str}
 
 
 # ---------------------------------------------------------------- one definition
@@ -92,7 +93,8 @@ def test_defaults():
         "guidance": "full", "reuse": 1, "hires": True, "resolution": "target", "control_model": "",
         "control_image": "", "control_weight": 1.0, "control_start": 0.0, "control_end": 1.0,
         "control_mode": "balanced", "control_preprocessor": "none", "ip_adapter": "", "ip_encoder": "",
-        "ip_image": "", "ip_weight": 1.0}
+        "ip_image": "", "ip_weight": 1.0, "control_resolution": -1, "control_threshold_a": -1.0,
+        "control_threshold_b": -1.0}
     assert DeltaSettings.from_dict({}) == s and list(s.to_dict()) == [f.name for f in FIELDS]
 
 

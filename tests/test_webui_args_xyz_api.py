@@ -124,7 +124,7 @@ def test_api_forms_through_the_hosts_argument_padding(host):
     ([{"scale": 1.0}, "sd15.safetensors"], ["followed by more values", "source_checkpoint"]),
     (["yes"], ['"Enable Delta Sampling" (enabled)', "'yes'", "true or false"]),
     ([True, 5], ['"Source base checkpoint" (source_checkpoint)', "not text"]),
-    ([True] + [""] * 30, ["31 values given", "only 26 settings"]),
+    ([True] + [""] * 40, ["41 values given", f"only {len(FIELDS)} settings"]),
 ])
 def test_bad_api_args_name_the_setting(given, words):
     from lib_deltasampling.webui import args

@@ -132,6 +132,8 @@ def test_controls_are_generated_from_fields_in_their_order(host, tab):
             assert isinstance(control, gr.Dropdown)
         elif spec.kind == "image":
             assert isinstance(control, gr.Image) and control.type == "numpy" and control.value is None
+        elif spec.kind == "preprocessor":   # no ControlNet extension in the stand-in: the built-in set
+            assert isinstance(control, gr.Dropdown) and control.choices == ["none", "invert", "canny"]
         else:
             assert isinstance(control, gr.Textbox)
     assert [c.value for c in controls] == args.ui_defaults()
@@ -209,6 +211,37 @@ def test_lora_picker_appends_a_tag_and_resets(host):
     assert change["fn"]("ink", "")[0]["value"] == "<lora:ink:1>"
     assert change["fn"](None, "kept") == (gr.update(), gr.update())   # the reset itself changes nothing
     assert ui.append_lora_tag("a  \n", "b", 0.5) == "a <lora:b:0.5>"
+
+
+def test_preprocessor_list_and_its_parameters_follow_the_host(host):
+    """The dropdown lists the host's preprocessors; choosing one shows only the parameters it uses,
+    under its own names (the host's slider labels), and never touches their values."""
+    import gradio as gr
+    ui = webui("ui")
+    script = host.scripts.Script()
+    script.title = lambda: TITLE
+    script.show = lambda is_img2img: host.scripts.AlwaysVisible
+    script.is_img2img = False
+    host_labels = {"depth_midas": ("Resolution", None, None), "mlsd": ("Resolution", "Value", "Distance")}
+    with gr.Blocks():
+        controls = ui.build_ui(script, False, ui.UiChoices(
+            checkpoints=lambda: [], loras=lambda: [], preprocessors=lambda: ["none", "depth_midas", "mlsd"],
+            preprocessor_labels=lambda name: host_labels.get(name, (None, None, None))))
+    by_name = dict(zip([f.name for f in FIELDS], controls))
+    dropdown = by_name["control_preprocessor"]
+    params = [by_name[n] for n in ("control_resolution", "control_threshold_a", "control_threshold_b")]
+    assert dropdown.choices == ["none", "depth_midas", "mlsd"] and dropdown.value == "none"
+    assert [p.visible for p in params] == [False, False, False]          # none uses no parameter
+    (change,) = [e for e in dropdown.events if e["event"] == "change"]
+    assert change["inputs"] == [dropdown] and change["outputs"] == params
+    updates = change["fn"]("mlsd")
+    assert [u["visible"] for u in updates] == [True, True, True]
+    assert [u["label"] for u in updates] == ["Resolution (-1: its default)", "Value (-1: its default)",
+                                             "Distance (-1: its default)"]
+    assert all("value" not in u for u in updates)                        # a pasted value stays
+    assert [u["visible"] for u in change["fn"]("depth_midas")] == [True, False, False]
+    assert [u["label"] for u in change["fn"](None)] == ["Preprocessor resolution", "Preprocessor threshold A",
+                                                        "Preprocessor threshold B"]
 
 
 def test_building_the_ui_loads_no_model(host):

@@ -157,7 +157,7 @@ def _raw_value(params: Mapping[str, Any], spec: FieldSpec) -> str | None:
         value = params[spec.infotext]
         return None if value is None else str(value)
     first, second = params.get(f"{spec.infotext}-1"), params.get(f"{spec.infotext}-2")
-    if spec.kind in ("text", *NAME_KINDS) and first is not None and second is not None:
+    if spec.kind in ("text", "preprocessor", *NAME_KINDS) and first is not None and second is not None:
         return f"{first}x{second}"      # A1111 split an `NxM` text into two entries
     return None
 

@@ -22,10 +22,11 @@ from typing import Any
 
 from ..errors import SettingError
 from ..runtime.names import path_problem
-from ..runtime.preprocess import PREPROCESSORS
+from ..runtime.preprocess import DEFAULT as PREPROCESSOR_DEFAULT, PREPROCESSORS, canonical
 from .schedule import SHAPES
 
-KINDS = ("bool", "float", "int", "choice", "text", "checkpoint", "controlnet", "ipadapter", "clipvision", "image")
+KINDS = ("bool", "float", "int", "choice", "text", "checkpoint", "controlnet", "ipadapter", "clipvision", "image",
+         "preprocessor")
 NAME_KINDS = ("checkpoint", "controlnet", "ipadapter", "clipvision")   # a model file named as the WebUI lists it
 GUIDANCE_MODES = ("full", "cond")
 RESOLUTIONS = ("target", "native")
@@ -78,6 +79,9 @@ class FieldSpec:
             return f"Use the {what}'s name as the Delta Sampling list shows it (empty for none)"
         if self.kind == "image":
             return "Use an image: base64 PNG/JPEG/WebP data (a data: URL works), or empty for none"
+        if self.kind == "preprocessor":
+            return (f"Use {', '.join(PREPROCESSORS)}, or a preprocessor of the WebUI's ControlNet "
+                    "(Forge's built-in one, sd-webui-controlnet) by its name")
         return "Use text (empty for the default)"
 
     def _error(self, value: Any, problem: str, source: str) -> SettingError:
@@ -117,6 +121,8 @@ class FieldSpec:
                     return choice
             raise self._error(value, "is not one of the choices", source)
         _check_text(self, value, source)
+        if kind == "preprocessor":     # the host's names are checked when a generation starts
+            return canonical(value) if value.strip() else "none"     # a cleared dropdown: none
         return value
 
     def parse(self, text: str, source: str = "infotext") -> Any:
@@ -167,6 +173,7 @@ class ControlImage:
     def __init__(self, pixels: Any, sha256: str) -> None:
         self.pixels = pixels
         self.sha256 = sha256
+        self._hints: dict[tuple, Any] = {}   # (preprocessor, host, params) -> hint pixels
 
     @classmethod
     def of(cls, value: Any, what: str) -> "ControlImage | str":
@@ -198,14 +205,20 @@ class ControlImage:
     def __repr__(self) -> str:
         return f"ControlImage({self.pixels.shape[1]}x{self.pixels.shape[0]}, sha256 {self.short_hash})"
 
-    def tensor(self, preprocessor: str = "none"):
-        """[1, 3, H, W] float32 in 0..1 after `preprocessor` (torch imported here, not by the settings module)."""
+    def tensor(self, preprocessor: str = "none", host: Any = None, **params: float):
+        """[1, 3, H, W] float32 in 0..1 after `preprocessor` (runtime/preprocess.py; `host`: the
+        host's preprocessors, `params`: resolution, threshold_a, threshold_b). The hint is kept per
+        preprocessor and parameters, so a hires pass or the next batch does not run it again.
+        torch is imported here, not by the settings module."""
         import numpy as np
         import torch
 
         from ..runtime.preprocess import preprocess
-        pixels = np.ascontiguousarray(preprocess(self.pixels, preprocessor))
-        return torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div_(255.0)
+        key = (preprocessor, getattr(host, "source", None), tuple(sorted(params.items())))
+        if key not in self._hints:
+            self._hints.clear()        # one at a time: a changed setting makes a new image object anyway
+            self._hints[key] = np.ascontiguousarray(preprocess(self.pixels, preprocessor, host=host, **params))
+        return torch.from_numpy(self._hints[key]).permute(2, 0, 1)[None].float().div_(255.0)
 
 
 FRACTION = dict(minimum=0.0, maximum=1.0, ui_minimum=0.0, ui_maximum=1.0, step=0.01)  # a fraction of the steps
@@ -260,9 +273,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("control_model", "ControlNet on the source (optional)", "Delta control", "", "controlnet",
               "A ControlNet of the source's family, applied to the adapted source only: its effect reaches the "
               "main model through the delta."),
-    FieldSpec("control_image", "Control image (already preprocessed)", "Delta control image hash", "", "image",
-              "The ControlNet's input, e.g. a canny edge map or a depth map; resized (crop and resize) to the "
-              "source's size."),
+    FieldSpec("control_image", "Control image", "Delta control image hash", "", "image",
+              "The ControlNet's input: a map (edges, depth, pose), or a picture for the preprocessor; cropped and "
+              "resized to the source's size."),
     FieldSpec("control_weight", "Control weight", "Delta control weight", 1.0, "float",
               "How strongly the ControlNet steers the adapted source.",
               minimum=0.0, maximum=2.0, ui_minimum=0.0, ui_maximum=2.0, step=0.05, xyz="Delta control weight"),
@@ -276,9 +289,10 @@ FIELDS: tuple[FieldSpec, ...] = (
               "As in sd-webui-controlnet: balanced; prompt (my prompt is more important); control (the ControlNet "
               "is more important).",
               choices=CONTROL_MODES, xyz="Delta control mode"),
-    FieldSpec("control_preprocessor", "Control preprocessor", "Delta control preprocessor", "none", "choice",
-              "none: the image is the ControlNet's input as it is; invert: a black-on-white sketch; canny: edges "
-              "(OpenCV).", choices=PREPROCESSORS, xyz="Delta control preprocessor"),
+    FieldSpec("control_preprocessor", "Control preprocessor", "Delta control preprocessor", "none", "preprocessor",
+              "Makes the ControlNet's input from the image: none, the WebUI ControlNet's preprocessors, or the "
+              "built-in invert and canny.",
+              xyz="Delta control preprocessor"),
     # IP-Adapter on the adapted source (issue 12)
     FieldSpec("ip_adapter", "IP-Adapter on the source (optional)", "Delta IP-Adapter", "", "ipadapter",
               "An IP-Adapter of the source's family (e.g. ip-adapter-plus_sd15), applied to the adapted source only."),
@@ -289,6 +303,16 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("ip_weight", "IP-Adapter weight", "Delta IP-Adapter weight", 1.0, "float",
               "How strongly the image prompt steers the adapted source.",
               minimum=0.0, maximum=2.0, ui_minimum=0.0, ui_maximum=2.0, step=0.05, xyz="Delta IP-Adapter weight"),
+    # the preprocessor's parameters, as sd-webui-controlnet's API names them (-1: the preprocessor's default)
+    FieldSpec("control_resolution", "Preprocessor resolution", "Delta control resolution", PREPROCESSOR_DEFAULT,
+              "int", "The size a host preprocessor works at (processor_res); -1: its default. The built-in ones "
+              "work at the image's size.", minimum=-1, maximum=4096, ui_minimum=-1, ui_maximum=2048, step=1),
+    FieldSpec("control_threshold_a", "Preprocessor threshold A", "Delta control threshold A", float(PREPROCESSOR_DEFAULT),
+              "float", "The preprocessor's first parameter (canny: low threshold); -1: its default.",
+              minimum=-1.0, maximum=4096.0, ui_minimum=-1.0, ui_maximum=256.0, step=0.01),
+    FieldSpec("control_threshold_b", "Preprocessor threshold B", "Delta control threshold B", float(PREPROCESSOR_DEFAULT),
+              "float", "The preprocessor's second parameter (canny: high threshold); -1: its default.",
+              minimum=-1.0, maximum=4096.0, ui_minimum=-1.0, ui_maximum=256.0, step=0.01),
 )
 
 FIELD_BY_NAME: dict[str, FieldSpec] = {f.name: f for f in FIELDS}
@@ -372,6 +396,9 @@ class DeltaSettings:
     ip_encoder: str = ""
     ip_image: Any = ""                    # ControlImage, or "" for none
     ip_weight: float = 1.0
+    control_resolution: int = -1          # -1: the preprocessor's default
+    control_threshold_a: float = -1.0
+    control_threshold_b: float = -1.0
 
     def __post_init__(self) -> None:
         values = checked_values({f.name: getattr(self, f.name) for f in fields(self)})
@@ -403,10 +430,13 @@ class DeltaSettings:
                            source_cfg=None if self.source_cfg == 0 else self.source_cfg,
                            resolution=self.resolution)
 
-    def to_control(self, net: Any):
-        """The runtime's `SourceControl` for the loaded ControlNet `net` (runtime/control.py)."""
+    def to_control(self, net: Any, preprocessors: Any = None):
+        """The runtime's `SourceControl` for the loaded ControlNet `net` (runtime/control.py);
+        `preprocessors`: the host's (runtime/preprocess.py HostPreprocessors), None for the built-in set."""
         from ..runtime.control import SourceControl
-        return SourceControl(net, self.control_image.tensor(self.control_preprocessor), weight=self.control_weight,
+        hint = self.control_image.tensor(self.control_preprocessor, preprocessors, resolution=self.control_resolution,
+                                         threshold_a=self.control_threshold_a, threshold_b=self.control_threshold_b)
+        return SourceControl(net, hint, weight=self.control_weight,
                              start=self.control_start, end=self.control_end, mode=self.control_mode)
 
     def to_image_prompt(self, adapter: Any, encoder: Any, unet: Any):

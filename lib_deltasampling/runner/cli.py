@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..engine.settings import FIELDS, DeltaSettings
+from ..runtime.preprocess import PREPROCESSORS
 
 ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 # The runner's samplers and schedule types, as runner/sampling.py builds them (test_cli checks).
@@ -93,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if spec.name in NOT_FLAGS:
             continue
         extra = f" One of: {', '.join(spec.choices)}." if spec.kind == "choice" else ""
+        if spec.kind == "preprocessor":     # no WebUI here: the built-in set
+            extra = f" Here one of: {', '.join(PREPROCESSORS)}."
         default = spec.format(spec.default) or "empty"
         ds.add_argument(flag(spec.name), dest=f"ds_{spec.name}", default=None, metavar=spec.kind.upper(),
                         help=f"{spec.tooltip}{extra} Default: {default}.")

@@ -217,6 +217,7 @@ def request_error(body: bytes) -> str | None:
     from ..runtime.adapters.tags import adapter_requests
     from . import files
     from .args import settings_from_script_args
+    from .preprocessors import preprocessor_problem
 
     try:
         data = json.loads(body or b"{}")
@@ -246,6 +247,8 @@ def request_error(body: bytes) -> str | None:
                                ("clipvision", settings.ip_encoder if settings.ip_adapter else "")):
                 if name:
                     files.model_file(kind, name)
+            if settings.control_model and (problem := preprocessor_problem(settings.control_preprocessor)):
+                return problem
     except UserError as exc:
         return str(exc)
     return None

@@ -35,6 +35,7 @@ from . import files, hashes, host
 from .args import apply_overrides, overrides_from_p, settings_from_script_args
 from .hooks_cfg import InitialLatent, PassHook
 from .options import read_options
+from .preprocessors import host_preprocessors
 from .state import CACHE
 
 log = logging.getLogger("delta-sampling")
@@ -220,7 +221,7 @@ def _extras(settings: DeltaSettings, base, adapted, placement, control_path, ip_
         net = CACHE.extra("controlnet", control_path, placement,
                           lambda: load_controlnet(control_path, device=placement.device, dtype=placement.dtype,
                                                   for_family=base.family))
-        control = settings.to_control(net)
+        control = settings.to_control(net, host_preprocessors())
         control.check(base)
     else:
         CACHE.release_extra("controlnet")

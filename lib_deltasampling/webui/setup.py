@@ -10,7 +10,7 @@ from __future__ import annotations
 def register_callbacks(script_callbacks) -> None:
     from . import api, options, paste, xyz
     from .script import remove_leftovers
-    from .state import CACHE
+    from .state import CACHE, HOST_APP
 
     options.apply_log_level()  # INFO by default, printed even when the host set up no logging
     script_callbacks.on_ui_settings(options.register_options)
@@ -20,9 +20,11 @@ def register_callbacks(script_callbacks) -> None:
     xyz.register_axes()
     script_callbacks.on_before_ui(xyz.register_axes)
     script_callbacks.on_app_started(lambda _demo, app: api.register_routes(app))
+    script_callbacks.on_app_started(lambda _demo, app: HOST_APP.update(app=app))
 
     def unloaded() -> None:
         remove_leftovers()
         CACHE.release_all()
+        HOST_APP.clear()
 
     script_callbacks.on_script_unloaded(unloaded)

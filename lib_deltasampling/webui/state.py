@@ -1,4 +1,5 @@
-"""The one home of process-wide mutable state: loaded source models and adapters.
+"""The one home of process-wide mutable state: loaded source models and adapters, and the
+WebUI's FastAPI app (sd-webui-controlnet's preprocessors run through a route of it).
 
 Source models stay loaded across generations whose settings name the same files (a grid over the
 scale reuses them), are freed when a generation runs with Delta Sampling off, and when the host's
@@ -121,3 +122,4 @@ class SourceCache:
 
 
 CACHE = SourceCache()
+HOST_APP: dict[str, Any] = {}    # "app": the WebUI's FastAPI app, set when the app starts (webui/setup.py)

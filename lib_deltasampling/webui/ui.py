@@ -31,6 +31,8 @@ class UiChoices:
     refresh_loras: Callable[[], None] | None = None        # default: the Lora extension's re-scan
     models: Callable[[str], list[str]] | None = None       # names of a model kind ("controlnet", ...);
                                                            # default: webui/files.py model_names
+    preprocessors: Callable[[], list[str]] | None = None   # default: webui/preprocessors.py
+    preprocessor_labels: Callable[[str], tuple] | None = None  # (resolution, A, B) labels, None: unused
 
 
 # Rows of the accordion. A field missing here still gets a control, in a row of its own at the end.
@@ -44,6 +46,7 @@ LAYOUT: tuple[tuple[str, ...], ...] = (
     ("hires", "resolution"),
     ("control_model", "control_mode"),
     ("control_image", "control_preprocessor"),
+    ("control_resolution", "control_threshold_a", "control_threshold_b"),
     ("control_weight", "control_start", "control_end"),
     ("ip_adapter", "ip_encoder"),
     ("ip_image", "ip_weight"),
@@ -107,6 +110,7 @@ def build_ui(script: Any, is_img2img: bool, choices: UiChoices) -> list:
                 for row in (r for r in rows if _section(r) == prefix):
                     _row(gr, row, controls, script, is_img2img, choices)
 
+    _wire_preprocessor(controls, choices)
     script.infotext_fields = paste.infotext_fields(controls)
     script.paste_field_names = paste.paste_field_names()
     return [controls[f.name] for f in FIELDS]
@@ -130,6 +134,15 @@ def _control(gr: Any, spec: FieldSpec, script: Any, is_img2img: bool, choices: U
         return _model_dropdown(gr, spec, script, choices, common)
     if spec.kind == "image":
         return gr.Image(type="numpy", **common)
+    if spec.kind == "preprocessor":
+        # a value the list lacks (pasted from a WebUI with other preprocessors) is kept, and named
+        # in an error when a generation starts
+        return gr.Dropdown(choices=_preprocessor_choices(choices), value=spec.default, allow_custom_value=True,
+                           **common)
+    if spec.name in PREPROCESSOR_PARAMS:
+        label = _labels(choices, FIELD_BY_NAME["control_preprocessor"].default)[PREPROCESSOR_PARAMS.index(spec.name)]
+        return gr.Slider(minimum=spec.ui_minimum, maximum=spec.ui_maximum, step=spec.step, value=spec.default,
+                         visible=label is not None, **{**common, "label": _param_label(spec, label)})
     if spec.name == "adapters":
         return _adapter_text(gr, spec, script, choices, common)
     if spec.kind in ("float", "int"):
@@ -168,6 +181,44 @@ def _checkpoint_dropdown(gr: Any, spec: FieldSpec, script: Any, choices: UiChoic
 
 
 MODEL_KINDS = ("controlnet", "ipadapter", "clipvision")   # files listed from their folders (webui/files.py)
+PREPROCESSOR_PARAMS = ("control_resolution", "control_threshold_a", "control_threshold_b")
+
+
+def _preprocessor_choices(choices: UiChoices) -> list[str]:
+    if choices.preprocessors is not None:
+        return choices.preprocessors()
+    from .preprocessors import preprocessor_choices
+    return preprocessor_choices()
+
+
+def _labels(choices: UiChoices, name: str) -> tuple:
+    if choices.preprocessor_labels is not None:
+        return choices.preprocessor_labels(name)
+    from .preprocessors import preprocessor_labels
+    return preprocessor_labels(name)
+
+
+def _param_label(spec: FieldSpec, label: str | None) -> str:
+    """The slider's label: the preprocessor's own name for the parameter, with -1's meaning."""
+    return f"{label} (-1: its default)" if label else spec.label
+
+
+def _wire_preprocessor(controls: dict, choices: UiChoices) -> None:
+    """Choosing a preprocessor shows the parameters it uses, under its own names. Values are left
+    alone, so a pasted infotext (which sets the preprocessor and its values together) keeps them."""
+    import gradio as gr
+
+    dropdown = controls.get("control_preprocessor")
+    sliders = [controls.get(name) for name in PREPROCESSOR_PARAMS]
+    if dropdown is None or any(s is None for s in sliders):
+        return
+
+    def show(name: str | None) -> list:
+        labels = _labels(choices, name or "none")
+        return [gr.update(visible=label is not None, label=_param_label(FIELD_BY_NAME[n], label))
+                for n, label in zip(PREPROCESSOR_PARAMS, labels)]
+
+    dropdown.change(fn=show, inputs=[dropdown], outputs=sliders, show_progress=False)
 
 
 def _model_choices(kind: str, choices: UiChoices) -> list[str]:

@@ -109,6 +109,9 @@ def _choices(spec: FieldSpec) -> Callable[[], list[str]] | None:
         return lambda: ["True", "False"]
     if spec.kind == "choice":
         return lambda: list(spec.choices)
+    if spec.kind == "preprocessor":
+        from .preprocessors import preprocessor_choices
+        return preprocessor_choices
     return None
 
 

@@ -55,7 +55,8 @@ class Hosts:
         self.count = 0
 
     def get(self, name: str, checkpoint: str, options: dict | None = None, fresh: bool = False,
-            extra_args: tuple[str, ...] = (), flavour: str = "a1111", record: bool = False) -> WebUI:
+            extra_args: tuple[str, ...] = (), flavour: str = "a1111", record: bool = False,
+            extensions: tuple[tuple[str, Path], ...] = ()) -> WebUI:
         if self.running and self.running[0] == name and not fresh:
             return self.running[1]
         self.stop()
@@ -63,7 +64,7 @@ class Hosts:
         self.count += 1
         data = self.base / f"{self.count}-{name}"
         host = WebUI(data_dir=data, ckpt_dir=model_dir() / "Stable-diffusion", lora_dir=model_dir() / "Lora",
-                     flavour=flavour, extra_args=extra_args, record=record)
+                     flavour=flavour, extra_args=extra_args, record=record, extensions=extensions)
         self.running = (name, host)
         host.start(checkpoint, options)
         return host

@@ -114,11 +114,12 @@ def check_xyz_over_delta_scale(host) -> None:
     assert changed(images[2], images[1]) and changed(images[3], images[2])
 
 
-def control_image() -> str:
-    """A hint-like image: white rings on black, 96x80 (cropped and resized to the source's size)."""
+def control_image(inverted: bool = False) -> str:
+    """A hint-like image: white rings on black (black on white: `inverted`), 96x80 (cropped and
+    resized to the source's size)."""
     y, x = np.mgrid[0:80, 0:96]
     rings = ((np.hypot(x - 48, y - 40) // 6) % 2 * 255).astype(np.uint8)
-    return png_of(np.stack([rings] * 3, axis=-1))
+    return png_of(np.stack([255 - rings if inverted else rings] * 3, axis=-1))
 
 
 BAD_ARGUMENTS = [
@@ -162,6 +163,29 @@ def check_controlnet_on_the_source(host) -> None:
                             control_preprocessor="canny"), prompt="a house")
     assert canny.params["Delta control preprocessor"] == "canny"
     assert changed(canny.image(), plain.image()) and not np.array_equal(canny.image(), on.image())
+
+
+def check_host_preprocessors(host, invert_name: str) -> None:
+    """The host ControlNet's preprocessors run from the accordion, through its own interface: its
+    invert (255 - x at the image's size; `invert_name` in its list) on the rings gives exactly the
+    image of the inverted rings given as they are; the thresholds reach its canny; a name it lacks
+    is refused before anything runs."""
+    common = dict(control_model=CONTROLNET, control_image=control_image(), control_weight=1.5)
+    theirs = host.txt2img(ds(**common, control_preprocessor=invert_name), prompt="a house")
+    by_hand = host.txt2img(ds(**{**common, "control_image": control_image(inverted=True)}), prompt="a house")
+    as_is = host.txt2img(ds(**common), prompt="a house")
+    # (a random ControlNet tells the rings from the inverted rings only slightly: not equal, not "changed")
+    assert np.array_equal(theirs.image(), by_hand.image()) and not np.array_equal(theirs.image(), as_is.image())
+    assert theirs.params["Delta control preprocessor"] == invert_name
+    edges = host.txt2img(ds(**common, control_preprocessor="canny"), prompt="a house")
+    # thresholds above any 3x3 Sobel magnitude of 8-bit pixels (<= 4 * 255 per axis): no edge at all
+    few_edges = host.txt2img(ds(**common, control_preprocessor="canny", control_threshold_a=2100,
+                                control_threshold_b=2200, control_resolution=64), prompt="a house")
+    assert not np.array_equal(edges.image(), as_is.image()) and not np.array_equal(few_edges.image(), edges.image())
+    assert few_edges.params["Delta control threshold A"] == "2100.0"
+    assert few_edges.params["Delta control resolution"] == "64"
+    check_bad_arguments(host, ds(**common, control_preprocessor="no_such_map"),
+                        ["control_preprocessor", "no_such_map", "not a preprocessor of this WebUI", "use one of: none, "])
 
 
 def check_ip_adapter_on_the_source(host) -> None:

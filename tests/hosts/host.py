@@ -124,6 +124,7 @@ class WebUI:
     flavour: str = "a1111"
     extra_args: tuple[str, ...] = ()
     record: bool = False                     # link probe/ and record the CFG callbacks' tensors
+    extensions: tuple[tuple[str, Path], ...] = ()   # other extensions to link in: (folder name, tree)
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -174,7 +175,8 @@ class WebUI:
     def start(self, checkpoint: str, options: dict | None = None, timeout: float = 600) -> None:
         """Start with `checkpoint` as the WebUI's model and `options` in config.json; wait until ready."""
         (self.data_dir / "extensions").mkdir(parents=True, exist_ok=True)
-        links = {"sd-webui-delta-sampling": REPO, **({"ds-probe": PROBE} if self.record else {})}
+        links = {"sd-webui-delta-sampling": REPO, **({"ds-probe": PROBE} if self.record else {}),
+                 **dict(self.extensions)}
         for name, target in links.items():
             link = self.data_dir / "extensions" / name
             if not link.exists():

@@ -6,15 +6,17 @@ kernels), so "equal" is exact and "changed" means a visible difference (mean |di
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
-                         check_controlnet_on_the_source, check_img2img_on_off_and_scale_zero,
+                         check_controlnet_on_the_source, check_host_preprocessors, check_img2img_on_off_and_scale_zero,
                          check_ip_adapter_on_the_source, check_png_info_round_trip, check_sampler, check_xyz_over_delta_scale, delta_keys, ds)
 from models import LORA, SOURCE, TARGET
 
@@ -52,6 +54,26 @@ def test_scale_zero_loads_nothing_and_runs_no_source(hosts):
 
 def test_controlnet_on_the_source(real_a1111):
     check_controlnet_on_the_source(real_a1111)
+
+
+def test_builtin_preprocessors_without_a_controlnet_extension(real_a1111):
+    # A1111 with no ControlNet extension: the built-in set; "invert" is ours
+    check_host_preprocessors(real_a1111, "invert")
+
+
+# sd-webui-controlnet's tree is not in ../shared/hosts (nor on a package index): this runs when
+# DS_CONTROLNET_EXTENSION names a checkout (Mikubill/sd-webui-controlnet) whose Python needs are met
+CONTROLNET_EXTENSION = os.environ.get("DS_CONTROLNET_EXTENSION")
+
+
+@pytest.mark.skipif(not CONTROLNET_EXTENSION, reason="set DS_CONTROLNET_EXTENSION to a sd-webui-controlnet checkout")
+def test_sd_webui_controlnet_preprocessors(hosts):
+    host = hosts.get("sd15-controlnet-extension", TARGET,
+                     extensions=(("sd-webui-controlnet", Path(CONTROLNET_EXTENSION)),))
+    try:
+        check_host_preprocessors(host, "invert")   # its invert, run through its /controlnet/detect
+    finally:
+        hosts.stop()
 
 
 def test_ip_adapter_on_the_source(real_a1111):

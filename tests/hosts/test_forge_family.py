@@ -15,7 +15,7 @@ import torch
 
 from browser import check_page_and_settings, paste_and_generate
 from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
-                         check_controlnet_on_the_source, check_img2img_on_off_and_scale_zero,
+                         check_controlnet_on_the_source, check_host_preprocessors, check_img2img_on_off_and_scale_zero,
                          check_ip_adapter_on_the_source, check_png_info_round_trip, check_sampler, check_xyz_over_delta_scale, delta_keys, ds,
                          init_image)
 from models import LORA, SOURCE
@@ -122,6 +122,11 @@ def test_txt2img_off_zero_and_on(forge_host):
 
 def test_controlnet_on_the_source(forge_host):
     check_controlnet_on_the_source(forge_host)
+
+
+def test_host_preprocessors(forge_host):
+    # Forge's built-in ControlNet (modules_forge.shared.supported_preprocessors): its legacy invert
+    check_host_preprocessors(forge_host, "invert (from white bg & black line)")
 
 
 def test_ip_adapter_on_the_source(forge_host):
