@@ -119,7 +119,8 @@ def detect_app(calls: list, answer=None):
         pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(controlnet_input_images[0]))).convert("RGB"))
         out = io.BytesIO()
         Image.fromarray(255 - pixels).save(out, format="PNG")
-        return {"images": [base64.b64encode(out.getvalue()).decode()], "info": "Success"}
+        # bytes, as A1111's encode_pil_to_base64 returns them to the route (FastAPI makes them text)
+        return {"images": [base64.b64encode(out.getvalue())], "info": "Success"}
 
     routes = [SimpleNamespace(path="/sdapi/v1/txt2img", methods={"POST"}, endpoint=None),
               SimpleNamespace(path=pre.DETECT_ROUTE, methods={"POST"}, endpoint=detect)]

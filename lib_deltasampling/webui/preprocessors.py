@@ -109,7 +109,9 @@ class ControlNetExtensionPreprocessors:
         images = answer.get("images") if isinstance(answer, dict) else None
         if not images:
             return answer.get("tensor", answer) if isinstance(answer, dict) else answer   # refused as no image
-        return decode_base64(images[0], f'sd-webui-controlnet\'s preprocessor "{name}" output')
+        image = images[0]   # bytes in-process (A1111's encode_pil_to_base64); FastAPI would send text
+        text = image.decode("ascii") if isinstance(image, bytes) else image
+        return decode_base64(text, f'sd-webui-controlnet\'s preprocessor "{name}" output')
 
 
 def _run_coroutine(call: Any) -> Any:
