@@ -1,4 +1,4 @@
-"""Command line: `python -m lib_deltasampling inspect FILE...`.
+"""Command line: `python -m lib_deltasampling inspect FILE...`, `generate ...`, `convert ...`.
 
 Exit codes: 0 ok, 2 a user error (one clear line, no traceback), 1 an internal error.
 """
@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p_generate = sub.add_parser("generate", help="generate images with Delta Sampling (target + source pair)",
                                 formatter_class=HelpFormatter)
     add_arguments(p_generate)
+    from .runner import convert_cli
+    p_convert = sub.add_parser("convert", help="bake a LoRA for another model of the same architecture (ProLoRA)",
+                               formatter_class=HelpFormatter)
+    convert_cli.add_arguments(p_convert)
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             from .runner.generate import run
             for path in run(args):
                 print(path)
+        elif args.command == "convert":
+            print("\n".join(convert_cli.run(args)))
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -353,6 +353,19 @@ class KeyMap:
     def components(self) -> tuple[str, ...]:
         return tuple(self._dotted)
 
+    def kohya_name(self, target: Target) -> str | None:
+        """The layer name kohya's sd-scripts (and every WebUI's LoRA loader) uses for `target`:
+        `lora_unet_` + the diffusers path, `lora_te_`/`lora_te1_`/`lora_te2_` + the HF CLIP path,
+        dots as underscores; None for a weight such files never name (a whole packed q/k/v)."""
+        aliases = [name for name, t in self._dotted.get(target.component, {}).items() if t == target]
+        if target.component == "unet":
+            preferred = [a for a in aliases if a != target.module and not a.endswith(".to_out")] or aliases
+            prefix = "lora_unet_"
+        else:
+            preferred = [a for a in aliases if a.startswith("text_model.")]
+            prefix = {"te1": "lora_te1_" if "te2" in self._dotted else "lora_te_", "te2": "lora_te2_"}[target.component]
+        return prefix + preferred[0].replace(".", "_") if preferred else None
+
     def targets(self, component: str) -> set[Target]:
         """Every adaptable weight of one component (for reports and tests)."""
         return set(self._dotted.get(component, {}).values())

@@ -379,6 +379,16 @@ def _sd2_clip_store(store: TensorStore) -> TensorStore:
     return store.sub("cond_stage_model.model.")
 
 
+def text_encoder_stores(store: TensorStore, family: str) -> dict[str, TensorStore]:
+    """{"te1": ..., ["te2": ...]}: each text encoder's tensors in a whole checkpoint, under the
+    names its module tree uses (as `load_text_stack` reads them)."""
+    if family == "sd1":
+        return {"te1": _sd1_clip_store(store)}
+    if family == "sd2":
+        return {"te1": _sd2_clip_store(store)}
+    return {"te1": store.sub("conditioner.embedders.0.transformer."), "te2": store.sub("conditioner.embedders.1.model.")}
+
+
 def _load_encoder(sub: TensorStore, name: str, layout: str, device, dtype,
                   need_projection: bool = False) -> HFClipText | OpenClipText:
     cfg: ClipTextConfig = clip_text_config(sub)

@@ -1,0 +1,1 @@
+"""Baking an adaptation into a file for another model, once (ProLoRA projection)."""
