@@ -27,6 +27,13 @@ from test_adapters import build_adapter, ref_delta
 torch.set_default_dtype(torch.float32)
 
 
+@pytest.fixture(autouse=True)
+def private_caches(tmp_path, monkeypatch):
+    """The hash and SVD caches in this test's folder, never the user's."""
+    monkeypatch.setenv("DELTA_SAMPLING_HASH_CACHE", str(tmp_path / "hashes.json"))
+    monkeypatch.setenv("DELTA_SAMPLING_SVD_CACHE", str(tmp_path / "svd-default"))
+
+
 def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     return q[:, :k]
@@ -251,6 +258,28 @@ def test_bad_inputs_are_named(models, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_subspaces_are_cached_per_model_and_layer(models, tmp_path):
+    from lib_deltasampling.bake.cache import SubspaceCache
+
+    source, target = models["sd1-0"], models["sd1-1"]
+    lora = write_lora(tmp_path / "in.safetensors", "sd1", source)
+    plain = convert_lora(source, target, lora, tmp_path / "plain.safetensors", subspace_rank=4, threshold=0)
+    cache = SubspaceCache(tmp_path / "svd")
+    convert_lora(source, target, lora, tmp_path / "first.safetensors", subspace_rank=4, threshold=0, cache=cache)
+    layers = len(plain.layers)
+    assert (cache.hits, cache.misses) == (0, 2 * layers)
+    entries = sorted((tmp_path / "svd").rglob("*.safetensors"))
+    assert len(entries) == 2 * layers and {p.parent.name for p in entries} == {"k4"}
+    entries[0].write_bytes(b"damaged")                                   # recomputed and replaced
+    again = SubspaceCache(tmp_path / "svd")
+    convert_lora(source, target, lora, tmp_path / "again.safetensors", subspace_rank=4, threshold=0, cache=again)
+    assert (again.hits, again.misses) == (2 * layers - 1, 1)
+    for name in ("first", "again"):
+        assert _all(tmp_path / f"{name}.safetensors").keys() == _all(tmp_path / "plain.safetensors").keys()
+        for key, value in _all(tmp_path / f"{name}.safetensors").items():
+            torch.testing.assert_close(value, _all(tmp_path / "plain.safetensors")[key], atol=1e-3, rtol=1e-3)
+
+
 def test_command_line(models, tmp_path, capsys):
     from lib_deltasampling.__main__ import main
     from lib_deltasampling.runner import convert_cli
@@ -265,9 +294,12 @@ def test_command_line(models, tmp_path, capsys):
     captured = capsys.readouterr()
     layers = len(group_layers(open_store(lora).keys())[0])
     assert f"{layers} of {layers} layers transferred" in captured.out and "converting [" in captured.err
+    assert f"SVD cache: 0 reused, {2 * layers} computed" in captured.out
     assert open_store(out).keys()
     assert main(args) == 2 and "exists. Add --overwrite" in capsys.readouterr().err
-    assert main(args + ["--overwrite", "--quiet"]) == 0 and capsys.readouterr().err == ""
+    assert main(args + ["--overwrite", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and f"SVD cache: {2 * layers} reused, 0 computed" in captured.out
     bad = ["convert", "--source-base", str(models["sd1-0"]), "--target", str(models["sdxl-0"]), "--lora", str(lora),
            "--out", str(tmp_path / "x.safetensors")]
     assert main(bad) == 2 and "Use Delta Sampling instead" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from ..runtime.checkpoint import TensorStore, open_store
 from ..runtime.detect import UNET_PREFIX, ModelInfo, detect_model
 from ..runtime.loading import meta_init
 from . import prolora
+from .cache import SubspaceCache
 
 METHOD = "ProLoRA (subspace and null-space projection), sd-webui-delta-sampling"
 DEFAULT_RANK = 32   # for inputs without a rank of their own (LoHa, LoKr, full differences)
@@ -52,6 +53,25 @@ class ModelWeights:
             unet = UNetModel(self.info.unet)
             texts = {c: build_clip_text(clip_text_config(s)) for c, s in self.stores.items() if c != "unet"}
         self.keymap = KeyMap.build(self.info.family, unet, texts)
+        self._sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        """The file's sha256 (the runner's hash cache: a multi-GB file is hashed once)."""
+        if self._sha256 is None:
+            from ..runner.hashcache import sha256
+            self._sha256 = sha256(self.path)
+        return self._sha256
+
+    def subspace(self, target: Target, subspace_rank: int, device: torch.device,
+                 cache: SubspaceCache | None) -> prolora.Subspace:
+        def compute() -> prolora.Subspace:
+            return prolora.subspace(self.weight(target).to(device, torch.float32), subspace_rank)
+        if cache is None:
+            return compute()
+        key = f"{target.component}.{target.module}.{target.param}" + (f".{target.rows[0]}-{target.rows[1]}"
+                                                                      if target.rows else "")
+        return cache.get(self.sha256, key, subspace_rank, device, compute)
 
     def has(self, target: Target) -> bool:
         return f"{target.module}.{target.param}" in self.stores[target.component]
@@ -115,12 +135,12 @@ def _spec(weight: torch.Tensor) -> LayerSpec:
 def convert_lora(source_base: Path | str, target: Path | str, lora: Path | str, out: Path | str | None = None, *,
                  rank: int | None = None, threshold: float = prolora.DEFAULT_THRESHOLD,
                  subspace_rank: int = prolora.DEFAULT_SUBSPACE_RANK, device: torch.device | str = "cpu",
-                 overwrite: bool = False,
+                 overwrite: bool = False, cache: SubspaceCache | None = None,
                  progress: Callable[[int, int, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> ConvertReport:
     """Project `lora` (made for `source_base`) onto `target`; write it to `out` (None: report only;
-    an existing file only with `overwrite`). UserError for files that do not go together; nothing
-    is written then."""
+    an existing file only with `overwrite`). `cache`: subspaces kept on disk (None: computed each
+    time). UserError for files that do not go together; nothing is written then."""
     if not 0.0 <= threshold <= 1.0:
         raise SettingError("convert --threshold", f"{threshold!r} is outside 0 to 1", "Use a similarity such as 0.8")
     if rank is not None and rank < 1:
@@ -150,7 +170,7 @@ def convert_lora(source_base: Path | str, target: Path | str, lora: Path | str, 
         if progress is not None:
             progress(i, len(names), name)
         report.layers.append(_convert_layer(name, groups[name], adapter, src, tgt, rank, threshold, subspace_rank,
-                                            torch.device(device), tensors))
+                                            torch.device(device), tensors, cache))
     if progress is not None:
         progress(len(names), len(names), "")
     if not report.transferred:
@@ -164,7 +184,7 @@ def convert_lora(source_base: Path | str, target: Path | str, lora: Path | str, 
 
 def _convert_layer(name: str, parts: dict[str, str], adapter: TensorStore, src: ModelWeights, tgt: ModelWeights,
                    rank: int | None, threshold: float, subspace_rank: int, device: torch.device,
-                   tensors: dict[str, torch.Tensor]) -> LayerResult:
+                   tensors: dict[str, torch.Tensor], cache: SubspaceCache | None) -> LayerResult:
     target = src.keymap.resolve(name)
     if target is None:
         return LayerResult(name, False, "no such layer in the source model")
@@ -184,9 +204,9 @@ def _convert_layer(name: str, parts: dict[str, str], adapter: TensorStore, src: 
     out_name = tgt.keymap.kohya_name(target)
     if out_name is None:
         return LayerResult(name, False, "a packed weight kohya-format files cannot name")
-    w_t = tgt.weight(target).to(device, torch.float32)
     delta = layer.diff_weight(_spec(w_s), 1.0)
-    s_space, t_space = prolora.subspace(w_s, subspace_rank), prolora.subspace(w_t, subspace_rank)
+    s_space = src.subspace(target, subspace_rank, device, cache)
+    t_space = tgt.subspace(target, subspace_rank, device, cache)
     sim = prolora.similarity(s_space, t_space)
     if min(sim) < threshold:
         return LayerResult(name, False, f"similarity {min(sim):.3f} below the threshold {threshold:g}", sim)

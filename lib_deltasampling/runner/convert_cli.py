@@ -26,13 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="subspace similarity (0-1) a layer needs to be transferred")
     parser.add_argument("--subspace-rank", type=int, default=DEFAULT_SUBSPACE_RANK,
                         help="singular vectors that span a weight's subspace (at most its smaller side)")
-    parser.add_argument("--device", default="cpu", help="where the SVDs run: cpu, cuda, cuda:1...")
+    parser.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA when present), cpu, cuda:1...")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="do not keep the SVDs on disk (default: kept per model file and layer, so the next "
+                             "LoRA for the same models converts much faster; $DELTA_SAMPLING_SVD_CACHE names the folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> list[str]:
     """Convert; the report's lines (the progress bar goes to stderr)."""
+    import torch
+
+    from ..bake.cache import SubspaceCache
     from ..bake.convert import convert_lora
     from ..errors import SettingError
 
@@ -41,6 +47,13 @@ def run(args: argparse.Namespace) -> list[str]:
                            "Name the output NAME.safetensors (the WebUIs' LoRA folders list those)")
     if args.out.exists() and not args.overwrite:
         raise SettingError("convert --out", f"{args.out} exists", "Add --overwrite to replace it, or choose another name")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise SettingError("convert --device", f"{args.device!r} is not usable here ({exc})",
+                           "Use auto, cpu, or a CUDA device this machine has") from None
+    cache = None if args.no_cache else SubspaceCache()
     start = time.perf_counter()
 
     def progress(done: int, total: int, name: str) -> None:
@@ -51,12 +64,13 @@ def run(args: argparse.Namespace) -> list[str]:
         print(f"\rconverting [{bar:<24}] {done}/{total} layers", end=end, file=sys.stderr, flush=True)
 
     report = convert_lora(args.source_base, args.target, args.lora, args.out, rank=args.rank, threshold=args.threshold,
-                          subspace_rank=args.subspace_rank, device=args.device, overwrite=args.overwrite,
-                          progress=progress)
+                          subspace_rank=args.subspace_rank, device=device, overwrite=args.overwrite,
+                          progress=progress, cache=cache)
     summary = report.summary()
     lines = [f"{args.out}: {summary['transferred']} of {summary['layers']} layers transferred in "
              f"{time.perf_counter() - start:.1f} s (similarity min {summary['similarity_min']}, "
-             f"mean {summary['similarity_mean']}, threshold {args.threshold:g})"]
+             f"mean {summary['similarity_mean']}, threshold {args.threshold:g}; on {device}"
+             + (f"; SVD cache: {cache.hits} reused, {cache.misses} computed" if cache else "") + ")"]
     for result in report.dropped[:20]:
         lines.append(f"  dropped {result.name}: {result.reason}")
     if len(report.dropped) > 20:
