@@ -1,4 +1,4 @@
-"""Layer rules of DESIGN.md §3: engine/, runtime/ (and the standalone runner/) never import gradio,
+"""Layer rules of DESIGN.md §3: engine/, runtime/ (and bake/ and the standalone runner/) never import gradio,
 the host's `modules`, the webui adapters, or the test-only reference libraries."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lib_deltasampling"
-HOST_FREE = ["runtime", "engine", "runner"]
+HOST_FREE = ["runtime", "engine", "bake", "runner"]
 # Top-level modules a host-free file must never import.
 FORBIDDEN = {"gradio", "modules", "diffusers", "transformers", "open_clip", "ldm", "sgm", "k_diffusion",
              "backend", "ldm_patched", "comfy", "regex", "einops", "yaml"}
 # The only relative imports allowed out of a host-free layer: errors, and layers below it.
 # ("" is the package root, which holds only the version string.)
 ALLOWED_RELATIVE = {"runtime": {"", "errors", "runtime"}, "engine": {"", "errors", "runtime", "engine"},
-                    "runner": {"", "errors", "runtime", "engine", "runner"}}
+                    "bake": {"", "errors", "runtime", "engine", "bake"},
+                    "runner": {"", "errors", "runtime", "engine", "bake", "runner"}}
 
 
 def _imports(path: Path, layer: str) -> list[tuple[int, str]]:

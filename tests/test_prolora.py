@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -305,3 +306,59 @@ def test_command_line(models, tmp_path, capsys):
     assert main(bad) == 2 and "Use Delta Sampling instead" in capsys.readouterr().err
     assert main(args[:-6] + ["--out", str(tmp_path / "x.ckpt")]) == 2
     assert "not a .safetensors file" in capsys.readouterr().err
+
+
+def merged_checkpoint(checkpoint: Path, lora: Path, out: Path) -> Path:
+    """`checkpoint` with `lora`'s changes added to its weights by hand (the format's definition,
+    test_adapters.ref_delta), written as a new file: a reference that uses no hooks."""
+    tensors = _all(checkpoint)
+    model = ModelWeights(checkpoint)
+    prefixes = {"unet": "model.diffusion_model.", "te1": "cond_stage_model.transformer."}
+    store = open_store(lora)
+    for name, parts in group_layers(store.keys())[0].items():
+        target = model.keymap.resolve(name)
+        key = prefixes[target.component] + f"{target.module}.{target.param}"
+        group = {suffix: store.tensor(k) for suffix, k in parts.items()}
+        tensors[key] = (tensors[key].double() + ref_delta(group, tuple(tensors[key].shape))).to(tensors[key].dtype)
+    save_file(tensors, str(out))
+    return out
+
+
+def test_runner_grid_of_delta_sampling_converted_and_copied(tmp_path):
+    from PIL import Image
+
+    from lib_deltasampling.__main__ import main
+    from vocab import clip_vocab_path
+
+    (tmp_path / "lora").mkdir()
+    source = factories.write_checkpoint(tmp_path / "source.safetensors", "sd1", seed=5)
+    target = factories.write_checkpoint(tmp_path / "target.safetensors", "sd1", seed=6, vae=True)
+    lora = write_lora(tmp_path / "lora" / "moxin.safetensors", "sd1", source)
+    converted = tmp_path / "moxin-for-target.safetensors"
+    convert_lora(source, target, lora, converted, subspace_rank=4, threshold=0)
+
+    def generate(target_file: Path, out: Path, *extra: str) -> int:
+        return main(["generate", "--target", str(target_file), "--source", str(source), "--lora-dir",
+                     str(tmp_path / "lora"), "--vocab", str(clip_vocab_path()), "--device", "cpu", "--prompt",
+                     "a fox", "--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "--quiet",
+                     "--adapters", "<lora:moxin:1>", "--scale", "2", "--out", str(out), *extra])
+
+    assert generate(target, tmp_path / "fox.png", "--compare-converted", str(converted)) == 0
+    grid = np.asarray(Image.open(tmp_path / "fox-converted.png"))
+    ds_image = np.asarray(Image.open(tmp_path / "fox.png"))
+    h, w = ds_image.shape[:2]                          # the tiny VAE's size
+    assert grid.shape == (24 + h, 3 * w, 3)
+    assert Image.open(tmp_path / "fox-converted.png").info["Delta comparison"] == \
+        "Delta Sampling, moxin | converted: moxin-for-target | copied: moxin"
+    assert np.array_equal(grid[24:, :w], ds_image)
+    # the other columns: the target with each LoRA merged into its weights by hand, sampled alone
+    for column, lora_file in ((1, converted), (2, lora)):
+        merged = merged_checkpoint(target, lora_file, tmp_path / f"merged-{column}.safetensors")
+        assert generate(merged, tmp_path / f"ref-{column}.png", "--compare") == 0
+        reference = np.asarray(Image.open(tmp_path / f"ref-{column}-nodelta.png")).astype(int)
+        tile = grid[24:, w * column:w * (column + 1)].astype(int)
+        assert np.abs(tile - reference).max() <= 2, column
+    assert not np.array_equal(grid[24:, w:2 * w], grid[24:, 2 * w:])       # conversion changed something
+    # across architectures there is nothing to convert or copy
+    xl = factories.write_checkpoint(tmp_path / "xl.safetensors", "sdxl", seed=1, vae=True)
+    assert generate(xl, tmp_path / "x.png", "--compare-converted", str(converted)) == 2

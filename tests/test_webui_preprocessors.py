@@ -15,6 +15,7 @@ Registries written to those interfaces stand in here; the real ones run in tests
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 from types import SimpleNamespace
 
@@ -23,10 +24,24 @@ import pytest
 
 from lib_deltasampling.errors import SettingError
 from lib_deltasampling.runtime.preprocess import preprocess
-from lib_deltasampling.webui import preprocessors as pre
-from lib_deltasampling.webui.state import HOST_APP
 
-PIXELS = np.random.default_rng(5).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+PIXELS_SEED = 5
+
+
+class _Fresh:
+    """The webui modules as loaded now (other tests' fixtures purge and re-import them)."""
+
+    def __getattr__(self, name):
+        return getattr(importlib.import_module("lib_deltasampling.webui.preprocessors"), name)
+
+
+pre = _Fresh()
+
+
+def host_app() -> dict:
+    return importlib.import_module("lib_deltasampling.webui.state").HOST_APP
+
+PIXELS = np.random.default_rng(PIXELS_SEED).integers(0, 256, (5, 7, 3), dtype=np.uint8)
 
 
 def slider(label: str, value: float, visible: bool = True) -> SimpleNamespace:
@@ -82,7 +97,8 @@ def test_forge_call_takes_slider_defaults_for_minus_one():
 
 
 def test_builtin_labels_without_a_host(monkeypatch):
-    monkeypatch.setattr(pre, "host_preprocessors", lambda modules=None: None)
+    module = importlib.import_module("lib_deltasampling.webui.preprocessors")
+    monkeypatch.setattr(module, "host_preprocessors", lambda modules=None: None)
     assert pre.preprocessor_choices() == ["none", "invert", "canny"]
     assert pre.preprocessor_labels("canny") == (None, "Canny low threshold", "Canny high threshold")
     assert pre.preprocessor_labels("invert") == (None, None, None)
@@ -134,17 +150,17 @@ def test_sd_webui_controlnet_lists_by_external_code_and_runs_through_detect(monk
     assert host.names() == ["none", "invert", "binary"]
     assert host.labels("binary") == ("Resolution", "Binary threshold", None)
     calls: list = []
-    monkeypatch.setitem(HOST_APP, "app", detect_app(calls))
+    monkeypatch.setitem(host_app(), "app", detect_app(calls))
     out = preprocess(PIXELS, "binary", resolution=-1, threshold_a=12.0, host=host)
     assert np.array_equal(out, 255 - PIXELS) and calls == [("binary", -1, 12.0, -1.0)]
 
 
 def test_sd_webui_controlnet_problems_are_named(monkeypatch):
     host = pre.ControlNetExtensionPreprocessors(ExternalCode)
-    monkeypatch.setitem(HOST_APP, "app", SimpleNamespace(router=SimpleNamespace(routes=[])))
+    monkeypatch.setitem(host_app(), "app", SimpleNamespace(router=SimpleNamespace(routes=[])))
     with pytest.raises(SettingError, match=r"sd-webui-controlnet's preprocessor 'binary' failed: RuntimeError: its "
                                            r"/controlnet/detect route is not on the WebUI's app"):
         preprocess(PIXELS, "binary", host=host)
-    monkeypatch.setitem(HOST_APP, "app", detect_app([], answer={"tensor": "AAAA", "info": "Success"}))
+    monkeypatch.setitem(host_app(), "app", detect_app([], answer={"tensor": "AAAA", "info": "Success"}))
     with pytest.raises(SettingError, match="gives str, not a control image"):
         preprocess(PIXELS, "binary", host=host)

@@ -39,7 +39,7 @@ DEFAULT_RANK = 32   # for inputs without a rank of their own (LoHa, LoKr, full d
 class ModelWeights:
     """One checkpoint's adaptable weights by runtime `Target`, read lazily from its file."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, file_sha256: Callable[[Path], str] | None = None) -> None:
         from ..runtime.text.clip import build_clip_text, clip_text_config
         from ..runtime.text.encode import text_encoder_stores
         from ..runtime.unet import UNetModel
@@ -54,13 +54,14 @@ class ModelWeights:
             texts = {c: build_clip_text(clip_text_config(s)) for c, s in self.stores.items() if c != "unet"}
         self.keymap = KeyMap.build(self.info.family, unet, texts)
         self._sha256: str | None = None
+        self._hash = file_sha256
 
     @property
     def sha256(self) -> str:
-        """The file's sha256 (the runner's hash cache: a multi-GB file is hashed once)."""
+        """The file's sha256, by `file_sha256` (a cached one: the runner's, the WebUI's) or read whole."""
         if self._sha256 is None:
-            from ..runner.hashcache import sha256
-            self._sha256 = sha256(self.path)
+            from ..runtime.checkpoint import file_sha256
+            self._sha256 = (self._hash or file_sha256)(self.path)
         return self._sha256
 
     def subspace(self, target: Target, subspace_rank: int, device: torch.device,
@@ -136,16 +137,18 @@ def convert_lora(source_base: Path | str, target: Path | str, lora: Path | str, 
                  rank: int | None = None, threshold: float = prolora.DEFAULT_THRESHOLD,
                  subspace_rank: int = prolora.DEFAULT_SUBSPACE_RANK, device: torch.device | str = "cpu",
                  overwrite: bool = False, cache: SubspaceCache | None = None,
+                 file_sha256: Callable[[Path], str] | None = None,
                  progress: Callable[[int, int, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> ConvertReport:
     """Project `lora` (made for `source_base`) onto `target`; write it to `out` (None: report only;
     an existing file only with `overwrite`). `cache`: subspaces kept on disk (None: computed each
-    time). UserError for files that do not go together; nothing is written then."""
+    time), keyed by `file_sha256` of the models (default: read each file whole once).
+    UserError for files that do not go together; nothing is written then."""
     if not 0.0 <= threshold <= 1.0:
         raise SettingError("convert --threshold", f"{threshold!r} is outside 0 to 1", "Use a similarity such as 0.8")
     if rank is not None and rank < 1:
         raise SettingError("convert --rank", f"{rank!r} is not a rank", "Use a whole number such as 32")
-    src, tgt = ModelWeights(source_base), ModelWeights(target)
+    src, tgt = ModelWeights(source_base, file_sha256), ModelWeights(target, file_sha256)
     problem = _architecture_problem(src.info, tgt.info)
     if problem:
         raise UserError(str(tgt.path), f"cannot take a LoRA converted from {src.path.name}: {problem}, and a "
@@ -229,7 +232,7 @@ def _write(out: Path, tensors: dict[str, torch.Tensor], report: ConvertReport, s
            tgt: ModelWeights, overwrite: bool) -> None:
     from safetensors.torch import save
 
-    from ..runner.outputs import write_atomic
+    from ..runtime.atomic import write_atomic
     metadata = {
         "ss_network_module": "networks.lora", "ss_base_model_version": tgt.info.family.value,
         "ds_method": METHOD, "ds_source": src.path.name, "ds_target": tgt.path.name, "ds_lora": report.lora.name,
@@ -240,4 +243,5 @@ def _write(out: Path, tensors: dict[str, torch.Tensor], report: ConvertReport, s
                       "passes when both sides' similarity reach the threshold; conv kernels as [out, in*kh*kw]; "
                       "re-factored by truncated SVD; norm/bias changes dropped",
     }
-    write_atomic(out, save(tensors, metadata=metadata), overwrite=overwrite)
+    write_atomic(out, save(tensors, metadata=metadata), overwrite=overwrite,
+                 exists_fix="Allow replacing it (--overwrite), or choose another name")

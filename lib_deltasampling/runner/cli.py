@@ -86,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "as the WebUI does (00012-SEED.png)")
     gen.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     gen.add_argument("--compare", action="store_true", help="also write NAME-nodelta.png: the target alone")
+    gen.add_argument("--compare-converted", type=Path, metavar="LORA",
+                     help="also write NAME-converted.png: a labelled grid of this image, the target with LORA (the "
+                          "adapter converted for it by `convert`) and the target with the original adapter copied "
+                          "unchanged; target and source of one architecture")
     gen.add_argument("--latent-out", help="save the final latents as NAME.safetensors")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 

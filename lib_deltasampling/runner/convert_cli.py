@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> list[str]:
     from ..bake.cache import SubspaceCache
     from ..bake.convert import convert_lora
     from ..errors import SettingError
+    from .hashcache import sha256
 
     if args.out.suffix.lower() != ".safetensors":
         raise SettingError("convert --out", f"{str(args.out)!r} is not a .safetensors file",
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
     report = convert_lora(args.source_base, args.target, args.lora, args.out, rank=args.rank, threshold=args.threshold,
                           subspace_rank=args.subspace_rank, device=device, overwrite=args.overwrite,
-                          progress=progress, cache=cache)
+                          progress=progress, cache=cache, file_sha256=sha256)
     summary = report.summary()
     lines = [f"{args.out}: {summary['transferred']} of {summary['layers']} layers transferred in "
              f"{time.perf_counter() - start:.1f} s (similarity min {summary['similarity_min']}, "

@@ -65,7 +65,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     for flag, path in (("--target", args.target), ("--source", args.source), ("--adapted", args.adapted),
                        ("--vae", args.vae), ("--control", args.control), ("--control-image", args.control_image),
                        ("--ip-adapter", args.ip_adapter), ("--ip-encoder", args.ip_encoder),
-                       ("--ip-image", args.ip_image)):
+                       ("--ip-image", args.ip_image), ("--compare-converted", getattr(args, "compare_converted", None))):
         if path is not None and not path.is_file():
             problem = "is a folder, not a model file" if path.is_dir() else "file not found"
             raise UserError(str(path), problem, f"Give {flag} the path of a model file")
@@ -156,10 +156,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     settings = settings.replace(control_image=control_image or "", ip_image=ip_image or "")
     adapter_files = [(request.name, find_adapter(request.name, args.lora_dir)) for request in requests]
     seeds = image_seeds(fixed_seed(args.seed), args.batch)
+    converted = getattr(args, "compare_converted", None)
+    if converted is not None and not requests:
+        raise SettingError("--compare-converted", "there is no adapter to compare with",
+                           "Give the original LoRA in --adapters \"<lora:NAME:1>\" and its converted file here")
     outputs = plan_outputs(args.out, seeds, compare=args.compare, latent_out=args.latent_out,
-                           overwrite=args.overwrite,
+                           overwrite=args.overwrite, grid=converted is not None,
                            inputs=[args.target, args.source, args.adapted, args.vae, args.control, args.control_image,
-                                   args.ip_adapter, args.ip_encoder, args.ip_image, *(p for _, p in adapter_files)])
+                                   args.ip_adapter, args.ip_encoder, args.ip_image, converted,
+                                   *(p for _, p in adapter_files)])
 
     tokenizer = ClipTokenizer.find(args.vocab, configure="--vocab")
     target = load_model(args.target, prediction=args.prediction, placement=placement, tokenizer=tokenizer,
@@ -167,6 +172,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     vae = load_vae_decoder(open_vae(args.vae) if args.vae else open_store(args.target), placement.device)
     source = load_model(args.source, prediction=args.source_prediction, placement=placement, tokenizer=tokenizer,
                         timestep_mode=args.timesteps)
+    if converted is not None and (source.family != target.family or source.info.unet != target.info.unet):
+        raise SettingError("--compare-converted", f"the source {args.source.name} ({source.family.label}) and the "
+                           f"target {args.target.name} ({target.family.label}) differ in architecture, so no LoRA "
+                           "can be converted or copied between them", "Compare on a target of the source's architecture")
     adapted = (load_model(args.adapted, prediction=args.source_prediction, placement=placement, tokenizer=tokenizer,
                           timestep_mode=args.timesteps) if args.adapted else None)
     adapted_model = adapted or source
@@ -196,7 +205,14 @@ def run(args: argparse.Namespace) -> list[Path]:
     c0 = initial_noise_multiplier(sigmas)
     cfg_cond = cfg_conditioning(target, prompts.target, prompts.target_negative, args.width, args.height)
 
-    def generate(with_delta: bool, label: str) -> torch.Tensor:
+    def generate(with_delta: bool, label: str, target_adapters: AdapterSet | None = None) -> torch.Tensor:
+        if target_adapters is not None:      # a LoRA on the target itself: its text encoders too
+            with target_adapters.applied():
+                cond = cfg_conditioning(target, prompts.target, prompts.target_negative, args.width, args.height)
+                return _sample(with_delta, label, cond)
+        return _sample(with_delta, label, cfg_cond)
+
+    def _sample(with_delta: bool, label: str, target_cond: dict) -> torch.Tensor:
         noise_source = ImageNoise(seeds, latent_shape(args.width, args.height), placement.device)
         noise = noise_source.first()
         delta = None
@@ -213,7 +229,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         def model(x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
             if delta is not None:
                 delta.prefetch(x, sigma, step, steps)  # a replayed source step overlaps the target's forward
-            both = target.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), cfg_cond)
+            both = target.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), target_cond)
             uncond, cond = both.chunk(2)
             denoised = uncond + args.cfg * (cond - uncond)
             return delta(x, sigma, step, steps, denoised) if delta is not None else denoised
@@ -230,6 +246,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         plain = {k: v for k, v in params.items() if not k.startswith("Delta ")}
         written += _write_images(vae, target, generate(False, "target"), prompts, seeds, plain,
                                  outputs.plain_images, outputs.overwrite)
+    if outputs.grid is not None:
+        written.append(_converted_grid(args, target, vae, latents, generate, requests, adapter_files, converted,
+                                       prompts, seeds, params, outputs))
     if outputs.latent:
         from safetensors.torch import save
         data = save({"latent": latents.float().cpu().contiguous()},
@@ -237,6 +256,29 @@ def run(args: argparse.Namespace) -> list[Path]:
                                                               {**params, "Seed": seeds[0]})})
         written.append(write_atomic(outputs.latent, data, overwrite=outputs.overwrite))
     return written
+
+
+def _converted_grid(args, target: SourceModel, vae, latents: torch.Tensor, generate, requests, adapter_files,
+                    converted: Path, prompts: Prompts, seeds: list[int], params: dict, outputs) -> Path:
+    """--compare-converted: the Delta Sampling images | the target with the converted LoRA | the
+    target with the original adapters copied unchanged, one row per image, captioned."""
+    from .grid import labelled_grid
+
+    def on_target(files: list[tuple[str, Path, float, float]]) -> AdapterSet:
+        adapters = AdapterSet(target.components(), target.family, source_name=args.target.name)
+        for name, path, te, unet in files:
+            adapters.add(path, name=name, te_multiplier=te, unet_multiplier=unet)
+        return adapters
+
+    first = requests[0]
+    with_converted = on_target([(converted.stem, converted, first.te_multiplier, first.unet_multiplier)])
+    copied = on_target([(r.name, p, r.te_multiplier, r.unet_multiplier) for r, (_, p) in zip(requests, adapter_files)])
+    columns = [latents, generate(False, "converted", with_converted), generate(False, "copied", copied)]
+    images = [to_uint8_images(vae.decode(c, scale=target.latent_scale)) for c in columns]
+    labels = [f"Delta Sampling, {first.name}", f"converted: {converted.stem}", f"copied: {first.name}"]
+    text = format_parameters(prompts.target[0], prompts.target_negative[0], {**params, "Seed": seeds[0]})
+    return write_png(outputs.grid, labelled_grid(images, labels), text,
+                     text={"Delta comparison": " | ".join(labels)}, overwrite=outputs.overwrite)
 
 
 def _short(path: Path, n: int = 10) -> str:

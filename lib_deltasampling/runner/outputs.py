@@ -10,12 +10,12 @@ their destination and renamed into place, so a crash leaves no truncated image.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SettingError, UserError
+from ..errors import SettingError
+from ..runtime import atomic
 
 OVERWRITE_FIX = "Pass --overwrite to replace it, or give a folder (--out DIR/) to number new images as the WebUI does"
 
@@ -26,10 +26,11 @@ class OutputPlan:
     plain_images: list[Path]  # --compare: the target alone
     latent: Path | None
     overwrite: bool
+    grid: Path | None = None  # --compare-converted: DS | converted LoRA | copied LoRA
 
 
 def plan_outputs(out: str, seeds: Sequence[int], *, compare: bool, latent_out: str | None, overwrite: bool,
-                 inputs: Sequence[Path]) -> OutputPlan:
+                 inputs: Sequence[Path], grid: bool = False) -> OutputPlan:
     """The files a run will write, or a SettingError naming the flag, before anything is loaded."""
     if not out.strip():
         raise SettingError("--out", "is empty", "Name the image file (NAME.png) or a folder (DIR/)")
@@ -40,9 +41,11 @@ def plan_outputs(out: str, seeds: Sequence[int], *, compare: bool, latent_out: s
         if latent.suffix.lower() != ".safetensors" or latent_out.endswith(("/", os.sep)):
             raise SettingError("--latent-out", f"'{latent_out}' is not a .safetensors file name",
                                "Name the file, e.g. --latent-out fox.safetensors")
-    planned = [("--out", p) for p in images + plain] + ([("--latent-out", latent)] if latent else [])
+    grid_path = images[0].with_name(images[0].stem + "-converted.png") if grid else None
+    planned = [("--out", p) for p in images + plain] + ([("--latent-out", latent)] if latent else []) + \
+        ([("--compare-converted", grid_path)] if grid_path else [])
     _check_targets(planned, overwrite, inputs)
-    return OutputPlan(images, plain, latent, overwrite)
+    return OutputPlan(images, plain, latent, overwrite, grid_path)
 
 
 def _image_paths(out: str, seeds: Sequence[int], compare: bool) -> tuple[list[Path], list[Path]]:
@@ -103,38 +106,5 @@ def _check_folder(flag: str, folder: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, *, overwrite: bool) -> Path:
-    """Write `data` to `path` whole or not at all (a hidden file beside it, then renamed); folders
-    are created; without `overwrite` a file that exists (even one that appeared meanwhile) stays."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode from the umask, as open()
-    except OSError as e:
-        raise UserError(str(path), f"cannot be written ({e.strerror or e})",
-                        "Choose a folder that exists and that you may write to") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(partial, path)
-        else:
-            _link_without_replacing(partial, path)
-    except OSError as e:
-        raise UserError(str(path), f"cannot be written ({e.strerror or e})",
-                        "Check the free space and that you may write there") from None
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
-
-
-def _link_without_replacing(partial: Path, path: Path) -> None:
-    try:
-        os.link(partial, path)  # fails when `path` exists: no check-then-write race
-    except FileExistsError:
-        raise UserError(str(path), "appeared while generating and was left as it is", OVERWRITE_FIX) from None
-    except OSError:  # a file system without hard links
-        if path.exists():
-            raise UserError(str(path), "appeared while generating and was left as it is", OVERWRITE_FIX) from None
-        os.replace(partial, path)
+    """runtime/atomic.py's write, with the runner's advice for a file that appeared meanwhile."""
+    return atomic.write_atomic(path, data, overwrite=overwrite, exists_fix=OVERWRITE_FIX)
