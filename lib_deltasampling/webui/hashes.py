@@ -61,3 +61,15 @@ def extra_hash(kind: str, path: Path) -> str | None:
 
     value = hashes.sha256(str(path), f"{kind}/{path.stem}")
     return value[:CHECKPOINT_SHORT] if value else None
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """A checkpoint's full sha256 from the host's cache (computed and cached once), or read here
+    when the host will not hash (--no-hashing and not cached)."""
+    from modules import hashes
+
+    value = hashes.sha256(str(path), f"checkpoint/{path.name}")
+    if value:
+        return value
+    from ..runtime.checkpoint import file_sha256
+    return file_sha256(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def register_callbacks(script_callbacks) -> None:
-    from . import api, options, paste, xyz
+    from . import api, convert, options, paste, xyz
     from .script import remove_leftovers
     from .state import CACHE, HOST_APP
 
@@ -21,6 +21,7 @@ def register_callbacks(script_callbacks) -> None:
     script_callbacks.on_before_ui(xyz.register_axes)
     script_callbacks.on_app_started(lambda _demo, app: api.register_routes(app))
     script_callbacks.on_app_started(lambda _demo, app: HOST_APP.update(app=app))
+    script_callbacks.on_app_started(lambda _demo, app: convert.register_routes(app))
 
     def unloaded() -> None:
         remove_leftovers()

@@ -1,5 +1,6 @@
-"""The one home of process-wide mutable state: loaded source models and adapters, and the
-WebUI's FastAPI app (sd-webui-controlnet's preprocessors run through a route of it).
+"""The one home of process-wide mutable state: loaded source models and adapters, the WebUI's
+FastAPI app (sd-webui-controlnet's preprocessors run through a route of it), and the LoRA
+conversion job.
 
 Source models stay loaded across generations whose settings name the same files (a grid over the
 scale reuses them), are freed when a generation runs with Delta Sampling off, and when the host's
@@ -123,3 +124,4 @@ class SourceCache:
 
 CACHE = SourceCache()
 HOST_APP: dict[str, Any] = {}    # "app": the WebUI's FastAPI app, set when the app starts (webui/setup.py)
+CONVERT_JOB: dict[str, Any] = {}  # "job": the last LoRA conversion (webui/convert.py ConvertJob)

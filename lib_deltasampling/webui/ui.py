@@ -109,11 +109,73 @@ def build_ui(script: Any, is_img2img: bool, choices: UiChoices) -> list:
             with gr.Accordion(title, open=False, elem_id=script.elem_id(f"{prefix}accordion")):
                 for row in (r for r in rows if _section(r) == prefix):
                     _row(gr, row, controls, script, is_img2img, choices)
-
+        _convert_section(gr, script, controls, choices)
     _wire_preprocessor(controls, choices)
     script.infotext_fields = paste.infotext_fields(controls)
     script.paste_field_names = paste.paste_field_names()
     return [controls[f.name] for f in FIELDS]
+
+
+CONVERT_TITLE = "Convert a LoRA for the current checkpoint (same architecture)"
+CONVERT_HELP = ("For a model of the source's architecture (SD1.5 -> an SD1.5 fine-tune, SDXL -> Pony/Illustrious): "
+                "writes a converted LoRA into the LoRA folder once, then use it as a normal LoRA, no source model "
+                "per step. Runs in the background; generating goes on meanwhile.")
+
+
+CONVERT_TOOLTIPS = {
+    "help": CONVERT_HELP,
+    "lora": "The LoRA to convert; it must be made for the source checkpoint above.",
+    "name": "Name of the new file in the LoRA folder; empty: the LoRA's name + -for- + the checkpoint's.",
+    "threshold": "How alike a layer's subspaces must be (0-1) for it to be transferred; unlike layers are dropped.",
+    "rank": "Rank of the converted layers; 0 keeps each layer's own rank.",
+    "overwrite": "Replace a file of that name in the LoRA folder.",
+    "start": "Start converting in the background (the status below updates every 2 s).",
+    "cancel": "Stop the running conversion; nothing is written.",
+    "status": "The conversion's progress and result.",
+}
+
+
+def _convert_section(gr: Any, script: Any, controls: dict, choices: UiChoices) -> None:
+    """The conversion action (webui/convert.py): the accordion's source checkpoint is the LoRA's base,
+    the WebUI's current checkpoint the target. Not part of the script's arguments."""
+    from . import convert
+
+    def labels() -> list[str]:
+        return [label for _, label in choices.loras()]
+
+    def run(source: str, picked: str | None, name: str, threshold: float, rank: float, overwrite: bool) -> str:
+        lora = {label: n for n, label in choices.loras()}.get(picked or "", picked or "")
+        if not lora:
+            return "Choose the LoRA to convert."
+        try:
+            convert.start(convert.ConvertRequest(lora=lora, source_checkpoint=source or "", name=name or "",
+                                                 threshold=float(threshold), rank=int(rank or 0),
+                                                 overwrite=bool(overwrite)))
+        except Exception as exc:  # noqa: BLE001 - shown in the status box; nothing started
+            return f"not started: {exc}"
+        return convert.status_text()
+
+    def eid(name: str) -> dict:
+        return {"elem_id": script.elem_id(f"convert_{name}"), "tooltip": CONVERT_TOOLTIPS[name]}
+
+    with gr.Accordion(CONVERT_TITLE, open=False, elem_id=script.elem_id("convert_accordion")):
+        gr.Markdown(CONVERT_HELP, **eid("help"))
+        with gr.Row():
+            lora = gr.Dropdown(choices=labels(), value=None, label="LoRA (made for the source checkpoint)", **eid("lora"))
+            name = gr.Textbox(value="", label="File name (empty: <lora>-for-<checkpoint>)", **eid("name"))
+        with gr.Row():
+            threshold = gr.Slider(minimum=0.0, maximum=1.0, step=0.01, value=0.8, label="Similarity threshold",
+                                  **eid("threshold"))
+            rank = gr.Number(value=0, precision=0, label="Rank (0: the LoRA's own)", **eid("rank"))
+            overwrite = gr.Checkbox(value=False, label="Replace a file of that name", **eid("overwrite"))
+        with gr.Row():
+            start = gr.Button("Convert", **eid("start"))
+            stop = gr.Button("Cancel", **eid("cancel"))
+        status = gr.Textbox(value=convert.status_text, every=2.0, interactive=False, label="Conversion", **eid("status"))
+    start.click(fn=run, inputs=[controls["source_checkpoint"], lora, name, threshold, rank, overwrite],
+                outputs=[status], show_progress=False)
+    stop.click(fn=lambda: (convert.cancel(), convert.status_text())[1], inputs=[], outputs=[status],
+               show_progress=False)
 
 
 def _section(row: tuple[str, ...]) -> str | None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import re
+from pathlib import Path
 
 import numpy as np
 
-from models import CLIP_VISION, CONTROLNET, IPADAPTER, LORA, SOURCE
+from models import CLIP_VISION, CONTROLNET, IPADAPTER, LORA, SOURCE, TARGET
 
 SCALE_KEY = "Delta scale"
 
@@ -186,6 +187,39 @@ def check_host_preprocessors(host, invert_name: str) -> None:
     assert few_edges.params["Delta control resolution"] == "64"
     check_bad_arguments(host, ds(**common, control_preprocessor="no_such_map"),
                         ["control_preprocessor", "no_such_map", "not a preprocessor of this WebUI", "use one of: none, "])
+
+
+def check_convert_for_the_current_checkpoint(host, lora_dir) -> None:
+    """The WebUI's conversion job (POST /delta-sampling/v1/convert): a LoRA made for the source is
+    converted for the current checkpoint in the background, written into the LoRA folder, listed by
+    the host, and applied by the host's own LoRA loader; a second run without overwrite is refused."""
+    import time
+
+    import models
+    lora = models.write_lora(lora_dir / "dsconvert-small.safetensors", seed=11, every=11, strength=3.0)
+    converted = lora_dir / f"dsconvert-small-for-{Path(TARGET).stem}.safetensors"   # its name; folder: the host's
+    try:
+        started = host.post("/delta-sampling/v1/convert", {"lora": "dsconvert-small", "source_checkpoint": SOURCE})
+        assert started.status == 202, started.body[:500]
+        deadline = time.monotonic() + 600
+        while (state := host.get("/delta-sampling/v1/convert").json())["state"] == "running":
+            assert time.monotonic() < deadline, state
+            time.sleep(1)
+        assert state["state"] == "done" and Path(state["file"]).name == converted.name, state
+        converted = Path(state["file"])      # the WebUI's first LoRA folder (Neo: its own models/Lora)
+        assert "Use it as <lora:dsconvert-small-for-" in state["message"]
+        again = host.post("/delta-sampling/v1/convert", {"lora": "dsconvert-small", "source_checkpoint": SOURCE})
+        assert again.status == 422 and "exists" in again.body.decode()
+        missing = host.post("/delta-sampling/v1/convert", {"lora": "no-such-lora", "source_checkpoint": SOURCE})
+        assert missing.status == 422 and "no-such-lora" in missing.body.decode()
+        host.post("/sdapi/v1/refresh-loras", {})
+        assert converted.stem in {entry["name"] for entry in host.get("/sdapi/v1/loras").json()}
+        plain = host.txt2img(prompt="a house")
+        with_lora = host.txt2img(prompt=f"a house <lora:{converted.stem}:1>")
+        assert not np.array_equal(plain.image(), with_lora.image())
+    finally:
+        for path in (lora, converted):
+            path.unlink(missing_ok=True)
 
 
 def check_ip_adapter_on_the_source(host) -> None:

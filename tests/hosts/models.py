@@ -198,11 +198,12 @@ def sd15_text_layers() -> Iterator[tuple[str, int, int]]:
             yield f"lora_te_text_model_encoder_layers_{n}_self_attn_{proj}", 768, 768
 
 
-def write_lora(path: Path, seed: int, rank: int = 8, strength: float = 1.0) -> Path:
+def write_lora(path: Path, seed: int, rank: int = 8, strength: float = 1.0, every: int = 1) -> Path:
     """A kohya LoRA (`lora_down`/`lora_up`/`alpha`) on every UNet attention projection and the text
-    encoder's attention; `strength` scales up so the adapted model differs visibly from the base."""
+    encoder's attention (every `every`-th of them); `strength` scales up so the adapted model
+    differs visibly from the base."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for stem, out, in_ in (*sd15_attention_layers(), *sd15_text_layers()):
+    for stem, out, in_ in list((*sd15_attention_layers(), *sd15_text_layers()))[::every]:
         shapes[f"{stem}.lora_down.weight"] = (rank, in_)
         shapes[f"{stem}.lora_up.weight"] = (out, rank)
         shapes[f"{stem}.alpha"] = ()

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
-                         check_controlnet_on_the_source, check_host_preprocessors, check_img2img_on_off_and_scale_zero,
+                         check_controlnet_on_the_source, check_convert_for_the_current_checkpoint,
+                         check_host_preprocessors, check_img2img_on_off_and_scale_zero,
                          check_ip_adapter_on_the_source, check_png_info_round_trip, check_sampler, check_xyz_over_delta_scale, delta_keys, ds)
 from models import LORA, SOURCE, TARGET
 
@@ -74,6 +75,10 @@ def test_sd_webui_controlnet_preprocessors(hosts):
         check_host_preprocessors(host, "invert")   # its invert, run through its /controlnet/detect
     finally:
         hosts.stop()
+
+
+def test_convert_for_the_current_checkpoint(real_a1111):
+    check_convert_for_the_current_checkpoint(real_a1111, real_a1111.lora_dir)
 
 
 def test_ip_adapter_on_the_source(real_a1111):

@@ -15,7 +15,8 @@ import torch
 
 from browser import check_page_and_settings, paste_and_generate
 from generations import (BAD_ARGUMENTS, SCALE_KEY, changed, check_bad_arguments, check_batch_with_and_prompts,
-                         check_controlnet_on_the_source, check_host_preprocessors, check_img2img_on_off_and_scale_zero,
+                         check_controlnet_on_the_source, check_convert_for_the_current_checkpoint,
+                         check_host_preprocessors, check_img2img_on_off_and_scale_zero,
                          check_ip_adapter_on_the_source, check_png_info_round_trip, check_sampler, check_xyz_over_delta_scale, delta_keys, ds,
                          init_image)
 from models import LORA, SOURCE
@@ -127,6 +128,10 @@ def test_controlnet_on_the_source(forge_host):
 def test_host_preprocessors(forge_host):
     # Forge's built-in ControlNet (modules_forge.shared.supported_preprocessors): its legacy invert
     check_host_preprocessors(forge_host, "invert (from white bg & black line)")
+
+
+def test_convert_for_the_current_checkpoint(forge_host):
+    check_convert_for_the_current_checkpoint(forge_host, forge_host.lora_dir)
 
 
 def test_ip_adapter_on_the_source(forge_host):
