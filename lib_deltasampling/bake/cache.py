@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.cachedir import user_cache_path
 from .prolora import Subspace
 
 log = logging.getLogger("delta-sampling")
@@ -26,11 +27,7 @@ ENV_VAR = "DELTA_SAMPLING_SVD_CACHE"
 
 
 def default_folder() -> Path:
-    override = os.environ.get(ENV_VAR)
-    if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "sd-webui-delta-sampling" / "svd"
+    return user_cache_path(ENV_VAR, "svd")
 
 
 class SubspaceCache:

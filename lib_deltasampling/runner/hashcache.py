@@ -16,6 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..runtime.cachedir import user_cache_path
 from ..runtime.checkpoint import addnet_hash, file_sha256
 
 log = logging.getLogger("delta-sampling")
@@ -24,11 +25,7 @@ VERSION = 1
 
 
 def cache_path() -> Path:
-    override = os.environ.get(ENV_VAR)
-    if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "sd-webui-delta-sampling" / "hashes.json"
+    return user_cache_path(ENV_VAR, "hashes.json")
 
 
 def _load(path: Path) -> dict:
