@@ -15,7 +15,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import factories
-import factory_adapters as fa
 from lib_deltasampling.bake import prolora
 from lib_deltasampling.bake.convert import ModelWeights, convert_lora
 from lib_deltasampling.errors import ModelFileError, SettingError, UserError
