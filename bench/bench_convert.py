@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs", nargs="+", default=["no_cache", "first", "cached"],
+                        choices=["no_cache", "first", "cached"], help="which conversions to time (cached needs first)")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     meta = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "device": device,
@@ -97,6 +99,8 @@ def main() -> None:
             meta[f"sha256_{p.stem}_s"] = round(time.perf_counter() - start, 1)
         runs = {}
         for label, use_cache in (("no_cache", False), ("first", True), ("cached", True)):
+            if label not in args.runs:
+                continue
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
