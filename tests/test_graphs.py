@@ -105,6 +105,20 @@ def test_static_inputs_are_copied_unless_the_same_unchanged_tensor():
     assert torch.allclose(graphed(x2, sigma, other), step(x2, sigma, other))
 
 
+def test_inference_tensors_are_copied_every_time():
+    """Forge samples under torch.inference_mode: its tensors have no version counter, so an
+    in-place write cannot be seen; they are copied at every call (found on the H100: the capture
+    itself failed with "Inference tensors do not track version counter")."""
+    with torch.inference_mode():
+        graphed = GraphedCall(step, name="test", backend=ReplayOnCpu())
+        x, sigma, conds = args()
+        for _ in range(2):                         # eager, then captured
+            assert torch.allclose(graphed(x, sigma, conds), step(x, sigma, conds))
+        conds.context["c"].mul_(3)                 # in place, unseen by any counter
+        assert torch.allclose(graphed(x, sigma, conds), step(x, sigma, conds))
+        assert graphed.captures == 1 and graphed.replays == 2
+
+
 def test_one_graph_per_signature_and_least_recently_used_eviction():
     backend = ReplayOnCpu()
     graphed = GraphedCall(step, name="test", backend=backend, max_graphs=2)

@@ -75,6 +75,12 @@ def _modes() -> tuple:
     return (torch.is_inference_mode_enabled(), torch.is_grad_enabled(), *autocast)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; None for an inference tensor (made under
+    torch.inference_mode, as Forge samples), which has none: such an input is copied every time."""
+    return None if t.is_inference() else t._version
+
+
 class _Graph:
     def __init__(self, graph: Any, inputs: list[torch.Tensor], output: Any) -> None:
         self.graph = graph
@@ -86,9 +92,9 @@ class _Graph:
     def load(self, tensors: list[torch.Tensor]) -> None:
         for i, (buffer, t) in enumerate(zip(self.inputs, tensors)):
             last = self.loaded[i]
-            if last is None or last[0] is not t or last[1] != t._version:  # in-place writes bump _version
-                buffer.copy_(t)
-                self.loaded[i] = (t, t._version)
+            if last is None or last[0] is not t or last[1] is None or last[1] != t._version:
+                buffer.copy_(t)                       # new, or written in place since (_version bumped)
+                self.loaded[i] = (t, _version(t))
 
 
 class CudaBackend:
@@ -222,7 +228,7 @@ class GraphedCall:
                      exc.__class__.__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             return None
         entry = _Graph(graph, inputs, output)
-        entry.loaded = [(t, t._version) for t in tensors]  # the buffers were cloned from exactly these
+        entry.loaded = [(t, _version(t)) for t in tensors]  # the buffers were cloned from exactly these
         self._graphs[key] = entry
         self.captures += 1
         while len(self._graphs) > self.max_graphs:
