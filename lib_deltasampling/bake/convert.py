@@ -121,7 +121,8 @@ class ConvertReport:
                 "similarity_mean": round(sum(sims) / len(sims), 4) if sims else None}
 
 
-def _architecture_problem(source: ModelInfo, target: ModelInfo) -> str | None:
+def architecture_problem(source: ModelInfo, target: ModelInfo) -> str | None:
+    """Why a LoRA cannot be moved between these two models by projection or copying, or None."""
     if source.family != target.family:
         return f"the source is {source.family.label} and the target {target.family.label}"
     if source.unet != target.unet:
@@ -149,7 +150,7 @@ def convert_lora(source_base: Path | str, target: Path | str, lora: Path | str, 
     if rank is not None and rank < 1:
         raise SettingError("convert --rank", f"{rank!r} is not a rank", "Use a whole number such as 32")
     src, tgt = ModelWeights(source_base, file_sha256), ModelWeights(target, file_sha256)
-    problem = _architecture_problem(src.info, tgt.info)
+    problem = architecture_problem(src.info, tgt.info)
     if problem:
         raise UserError(str(tgt.path), f"cannot take a LoRA converted from {src.path.name}: {problem}, and a "
                         "projection needs the same architecture", "Use Delta Sampling instead (the accordion, or "

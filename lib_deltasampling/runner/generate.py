@@ -172,10 +172,12 @@ def run(args: argparse.Namespace) -> list[Path]:
     vae = load_vae_decoder(open_vae(args.vae) if args.vae else open_store(args.target), placement.device)
     source = load_model(args.source, prediction=args.source_prediction, placement=placement, tokenizer=tokenizer,
                         timestep_mode=args.timesteps)
-    if converted is not None and (source.family != target.family or source.info.unet != target.info.unet):
-        raise SettingError("--compare-converted", f"the source {args.source.name} ({source.family.label}) and the "
-                           f"target {args.target.name} ({target.family.label}) differ in architecture, so no LoRA "
-                           "can be converted or copied between them", "Compare on a target of the source's architecture")
+    if converted is not None:
+        from ..bake.convert import architecture_problem
+        if (problem := architecture_problem(source.info, target.info)) is not None:
+            raise SettingError("--compare-converted", f"{problem} ({args.source.name}, {args.target.name}), so no "
+                               "LoRA can be converted or copied between them",
+                               "Compare on a target of the source's architecture")
     adapted = (load_model(args.adapted, prediction=args.source_prediction, placement=placement, tokenizer=tokenizer,
                           timestep_mode=args.timesteps) if args.adapted else None)
     adapted_model = adapted or source
