@@ -96,11 +96,13 @@ def test_bridging_between_scale_factors():
     ("constant", [0, 0, 1, 1, 1, 1, 1, 0, 0, 0]),
     ("linear", [0, 0, 1, 0.8, 0.6, 0.4, 0.2, 0, 0, 0]),
     ("cosine", [0, 0] + [0.5 * (1 + math.cos(math.pi * p)) for p in (0, 0.2, 0.4, 0.6, 0.8)] + [0, 0, 0]),
+    # by hand: (s(10 (1/2 - p)) - s(-5)) / (s(5) - s(-5)), s the logistic; s(5) = 0.993307, s(3) = 0.952574, s(1) = 0.731059
+    ("sigmoid", [0, 0, 1, 0.958714, 0.734194, 0.265806, 0.041286, 0, 0, 0]),
 ])
 def test_schedule_shapes_and_window_edges(shape, expected):
     # window [0.2, 0.7) of 10 steps = steps 2..6 (0.7 itself is outside); p = (i/10 - 0.2) / 0.5
     weights = step_weights(10, 2.0, 0.2, 0.7, shape)
-    assert weights == pytest.approx([2.0 * e for e in expected])
+    assert weights == pytest.approx([2.0 * e for e in expected], abs=1e-5)  # the sigmoid row has 6 digits
     pair = StubPair()
     s = make(pair, DeltaParams(scale=2.0, start=0.2, end=0.7, shape=shape))
     x, d_t = torch.zeros(1, 4, 4, 6), torch.randn(1, 4, 4, 6)

@@ -1,15 +1,23 @@
 """lambda(step): the delta's weight at each sampling step, computed once per generation.
 
 scale x window [start, end) over the step fractions i / steps x shape within the window:
-constant 1; linear 1 - p; cosine (1 + cos(pi p)) / 2, with p = (i/steps - start) / (end - start)
-in [0, 1). Outside the window the weight is exactly 0 and no source model runs.
+constant 1; linear 1 - p; cosine (1 + cos(pi p)) / 2; sigmoid a logistic S-curve from 1 to 0,
+centred at p = 1/2 with steepness 10 and rescaled to reach exactly 1 at p = 0 and 0 at p = 1,
+with p = (i/steps - start) / (end - start) in [0, 1). Outside the window the weight is exactly 0
+and no source model runs.
+
+`sigmoid` follows the paper's workflow files, which were saved with a 'sigmoid' lambda schedule the
+released node lacks (their start/end values were 1 and 1, or 1 and 0.5). What those values meant
+is not published; here sigmoid is, like linear and cosine, a fall-off to 0 over the window: it
+holds near full strength for the first part, then drops faster than cosine.
 """
 
 from __future__ import annotations
 
 import math
 
-SHAPES = ("constant", "linear", "cosine")
+SHAPES = ("constant", "linear", "cosine", "sigmoid")
+SIGMOID_STEEPNESS = 10.0
 
 
 def window_position(step: int, steps: int, start: float, end: float) -> float | None:
@@ -27,7 +35,16 @@ def shape_weight(shape: str, p: float) -> float:
         return 1.0 - p
     if shape == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * p))
+    if shape == "sigmoid":
+        return _logistic_falloff(p)
     raise ValueError(f"unknown schedule shape {shape!r}; expected one of {SHAPES}")
+
+
+def _logistic_falloff(p: float, k: float = SIGMOID_STEEPNESS) -> float:
+    def logistic(z: float) -> float:
+        return 1.0 / (1.0 + math.exp(-z))
+    top, bottom = logistic(k / 2), logistic(-k / 2)
+    return (logistic(k * (0.5 - p)) - bottom) / (top - bottom)
 
 
 def step_weights(steps: int, scale: float, start: float, end: float, shape: str) -> list[float]:

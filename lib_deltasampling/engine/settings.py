@@ -251,7 +251,7 @@ FIELDS: tuple[FieldSpec, ...] = (
               "The fraction of the sampling steps from which no delta is added; must be greater than start.",
               **FRACTION, xyz="Delta end"),
     FieldSpec("schedule", "Schedule", "Delta schedule", "constant", "choice",
-              "The scale over the start-end window: constant, or falling to 0 linearly or along a cosine.",
+              "The scale over the start-end window: constant, or falling to 0 linearly, along a cosine or along a sigmoid (S-curve).",
               choices=tuple(SHAPES), xyz="Delta schedule"),
     FieldSpec("source_cfg", "Source CFG scale (0: same as main)", "Delta source CFG", 0.0, "float",
               "The CFG scale of both source models; 0 uses the main CFG scale.",
