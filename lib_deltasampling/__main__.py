@@ -1,4 +1,4 @@
-"""Command line: `python -m lib_deltasampling inspect FILE...`, `generate ...`, `convert ...`.
+"""Command line: `python -m lib_deltasampling inspect FILE...`, `generate ...`, `convert ...`, `demo`.
 
 Exit codes: 0 ok, 2 a user error (one clear line, no traceback), 1 an internal error.
 """
@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p_convert = sub.add_parser("convert", help="bake a LoRA for another model of the same architecture (ProLoRA)",
                                formatter_class=HelpFormatter)
     convert_cli.add_arguments(p_convert)
+    from .lab import demo
+    p_demo = sub.add_parser("demo", help="Delta Sampling on the shipped miniature models: a labelled grid, no downloads",
+                            formatter_class=HelpFormatter, description=demo.__doc__)
+    demo.add_arguments(p_demo)
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
         elif args.command == "convert":
             print("\n".join(convert_cli.run(args)))
+        elif args.command == "demo":
+            print("\n".join(demo.run(args)))
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
