@@ -19,3 +19,9 @@ pytest_plugins = ["a1111.fixture"]  # the `a1111` fixture: the A1111 1.10 stand-
 @pytest.fixture(scope="session")
 def tokenizer() -> ClipTokenizer:
     return ClipTokenizer(clip_vocab_path())
+
+
+@pytest.fixture(scope="session")
+def clip_vocab() -> Path:
+    """The CLIP vocabulary file (open_clip's), for commands that take --vocab."""
+    return clip_vocab_path()

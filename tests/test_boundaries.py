@@ -1,4 +1,4 @@
-"""Layer rules of DESIGN.md §3: engine/, runtime/ (and bake/ and the standalone runner/) never import gradio,
+"""Layer rules of DESIGN.md §3: engine/, runtime/ (and bake/, the standalone runner/ and the quality lab/) never import gradio,
 the host's `modules`, the webui adapters, or the test-only reference libraries."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lib_deltasampling"
-HOST_FREE = ["runtime", "engine", "bake", "runner"]
+HOST_FREE = ["runtime", "engine", "bake", "runner", "lab"]
 # Top-level modules a host-free file must never import.
 FORBIDDEN = {"gradio", "modules", "diffusers", "transformers", "open_clip", "ldm", "sgm", "k_diffusion",
              "backend", "ldm_patched", "comfy", "regex", "einops", "yaml"}
@@ -20,7 +20,8 @@ FORBIDDEN = {"gradio", "modules", "diffusers", "transformers", "open_clip", "ldm
 # ("" is the package root, which holds only the version string.)
 ALLOWED_RELATIVE = {"runtime": {"", "errors", "runtime"}, "engine": {"", "errors", "runtime", "engine"},
                     "bake": {"", "errors", "runtime", "engine", "bake"},
-                    "runner": {"", "errors", "runtime", "engine", "bake", "runner"}}
+                    "runner": {"", "errors", "runtime", "engine", "bake", "runner"},
+                    "lab": {"", "errors", "runtime", "engine", "runner", "lab"}}
 
 
 def _imports(path: Path, layer: str) -> list[tuple[int, str]]:

@@ -265,7 +265,7 @@ def train_classifier(data: Data, vaes: list[minis.AutoencoderKL], plan: Plan, de
 
 # ---------------------------------------------------------------------------- files
 
-def vae_stage(out: Path, spec: minis.MiniSpec, images: np.ndarray, plan: Plan, device) -> minis.AutoencoderKL:
+def vae_stage(out: Path, spec: minis.MiniSpec, data, plan: Plan, device) -> minis.AutoencoderKL:
     """Train `spec`'s VAE, or load it when an earlier run saved it (runs resume stage by stage)."""
     from safetensors.torch import load_file, save_file
     path = out / f"{spec.vae_name}.safetensors"
@@ -273,6 +273,8 @@ def vae_stage(out: Path, spec: minis.MiniSpec, images: np.ndarray, plan: Plan, d
         vae = minis.AutoencoderKL(spec.vae)
         vae.load_ldm(load_file(str(path)))
         return vae.to(device).eval()
+    d = data()
+    images = np.concatenate([d.base[0], d.style[0], d.concept[0], d.extra])
     vae = train_vae(spec.vae, images, plan, device, plan.seed + spec.seed, spec.family)
     save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict_ldm().items()}, str(path))
     return vae
@@ -310,10 +312,15 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = ClipTokenizer.find([args.vocab] if args.vocab else [])
     out: Path = args.out
     (out / "lora").mkdir(parents=True, exist_ok=True)
-    log(f"rendering on {args.workers} workers")
-    data = make_data(plan, args.workers)
-    vae_images = np.concatenate([data.base[0], data.style[0], data.concept[0], data.extra])
-    vaes = {spec.vae_name: vae_stage(out, spec, vae_images, plan, device) for spec in minis.SPECS.values()}
+    made: list[Data] = []
+
+    def data() -> Data:       # rendered only when a stage still needs training (a finished run resumes at once)
+        if not made:
+            log(f"rendering on {args.workers} workers")
+            made.append(make_data(plan, args.workers))
+        return made[0]
+
+    vaes = {spec.vae_name: vae_stage(out, spec, data, plan, device) for spec in minis.SPECS.values()}
     keep = used_tokens(tokenizer)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
@@ -330,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         text = minis.text_tensors(spec, keep)
         minis.write_checkpoint(path, spec, minis.build_unet(spec), vae, text)
         model = load_model(path, placement=placement, tokenizer=tokenizer)   # the real loading path
-        parts = {"base": data.base, "style": data.style, "concept": data.concept}
+        parts = {"base": data().base, "style": data().style, "concept": data().concept}
         latents = {kind: encode(vae, imgs, device) for kind, (imgs, _) in parts.items()}
         captions = {kind: [s.caption() for s in scenes] for kind, (_, scenes) in parts.items()}
         train_unet(model, latents["base"], captions["base"], plan, device, name)
@@ -345,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")   # a later run resumes after this model
     if not (out / "classifier.safetensors").exists():
         t0 = time.time()
-        classifier = train_classifier(data, list(vaes.values()), plan, device)
+        classifier = train_classifier(data(), list(vaes.values()), plan, device)
         save_file({k: v.detach().cpu().half().contiguous() for k, v in classifier.state_dict().items()},
                   str(out / "classifier.safetensors"))
         manifest["classifier_seconds"] = round(time.time() - t0, 1)
