@@ -267,3 +267,20 @@ def test_demo_without_models_names_the_folder_and_the_fix(tmp_path: Path):
     run = subprocess.run([sys.executable, "-m", "lib_deltasampling", "demo", "--models", str(tmp_path / "none")],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and "lab.train --out" in run.stderr and "none" in run.stderr
+
+
+def test_demo_on_the_shipped_models(tmp_path: Path, clip_vocab):
+    """The shipped minis (lib_deltasampling/lab/minis) are complete, load, and the delta changes the image."""
+    from lib_deltasampling.lab import DEFAULT_FOLDER
+    from lib_deltasampling.lab.demo import NEEDED
+    assert all((DEFAULT_FOLDER / n).is_file() for n in NEEDED)
+    out = tmp_path / "demo.png"
+    run = subprocess.run([sys.executable, "-m", "lib_deltasampling", "demo", "--vocab", str(clip_vocab), "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    side = 64 * 3
+    body = grid[grid.shape[0] - 4 * side:]
+    target, delta = body[:, :side], body[:, side:2 * side]
+    assert np.abs(target.astype(int) - delta).mean() > 1.0      # the delta is applied

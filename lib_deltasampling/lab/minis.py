@@ -5,8 +5,9 @@ layouts, built from the runtime's own modules so they load through the same path
     sd1b   a second SD1-layout model (text width 128, UNet 32 ch x (1, 2, 4), other seeds), same VAE as sd1:
            the same-latent pair, as SD1.5 -> SD2.1 share theirs
     sdxl   SDXL layout: CLIP-L + OpenCLIP-bigG-layout encoders (64 + 128, pooled projection 64),
-           UNet 32 ch x (1, 2, 4) with no attention on level 0 (SDXL's 320 x (1, 2, 4), shrunk), linear proj_in, 64-channel heads,
-           label_emb over pooled + size embeddings; its own VAE (another width, trained apart), so
+           UNet 64 ch x (1, 2, 2), linear proj_in, 64-channel heads, label_emb over pooled + size
+           embeddings, attention on every level (real SDXL has none on its first level, at 128 x 128
+           latents; a first try without it, at 8 x 8, drew blurred layouts); its own VAE (another width, trained apart), so
            the latent spaces differ as SD1's and SDXL's do, with each family's latent scale factor.
 
 All images are 64 px (8 x 8 latents): the VAE downscales by 8 as every SD VAE does.
@@ -62,17 +63,17 @@ SDXL_POOLED = 64
 SPECS = {
     "sd1": MiniSpec("sd1", "sd1", _sd1_unet(64, 64),
                     (("cond_stage_model.transformer.", _clip("hf", 64, 2)),), SD1_VAE, "vae-sd1", seed=1),
-    "sd1b": MiniSpec("sd1b", "sd1", _sd1_unet(32, 128, (1, 2, 4)),
-                     (("cond_stage_model.transformer.", _clip("hf", 128, 2)),), SD1_VAE, "vae-sd1", seed=2),
     "sdxl": MiniSpec("sdxl", "sdxl",
-                     UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 4),
-                                num_res_blocks=(1, 1, 1), transformer_depth=(0, 1, 1),
-                                transformer_depth_output=(1, 1, 1, 1, 0, 0), transformer_depth_middle=1,
+                     UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2),
+                                num_res_blocks=(1, 1, 1), transformer_depth=(1, 1, 1),
+                                transformer_depth_output=(1, 1, 1, 1, 1, 1), transformer_depth_middle=1,
                                 context_dim=64 + 128, num_head_channels=64, use_linear_in_transformer=True,
                                 adm_in_channels=SDXL_POOLED + 6 * 256),
                      (("conditioner.embedders.0.transformer.", _clip("hf", 64, 2)),
                       ("conditioner.embedders.1.model.", _clip("openclip", 128, 2, SDXL_POOLED))),
                      SDXL_VAE, "vae-sdxl", seed=3),
+    "sd1b": MiniSpec("sd1b", "sd1", _sd1_unet(32, 128, (1, 2, 4)),
+                     (("cond_stage_model.transformer.", _clip("hf", 128, 2)),), SD1_VAE, "vae-sd1", seed=2),
 }
 
 

@@ -27,6 +27,7 @@ from .generate import DEFAULT_FOLDER, Lab, Transfer, firstpass, generate
 from .metrics import evaluate
 
 PAIRS = {"cross": ("sd1", "sdxl"), "same": ("sd1", "sd1b")}
+GOALS = {"cross": 0.70, "same": 0.85}    # style recovery of the oracle, with content kept >= 90 % (issue 14)
 SCALES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 SEEDS_PER_PROMPT = 3
 
@@ -155,6 +156,14 @@ class Study:
              list(range(0, len(self.sets["concept"].scenes), SEEDS_PER_PROMPT))[:6])
         return written
 
+    def goal_line(self, pair: str, best: float) -> str:
+        row = self.lookup(pair, f"DS scale={best}", "style")
+        rel = self.relative(row)
+        met = rel["recovery"] >= GOALS[pair] and rel["content_kept"] >= 0.9
+        return (f"**Goal ({pair}): recover >= {GOALS[pair]:.0%} of the oracle's style score with >= 90 % of the "
+                f"target's content: {'met' if met else 'missed'}** at scale {best:g}: recovery "
+                f"{rel['recovery']:.0%}, content kept {rel['content_kept']:.0%}.")
+
     def table(self, pair: str) -> list[str]:
         lines = ["| run | sampler | style | concept | content | recovery of oracle | content kept | s |",
                  "|---|---|---|---|---|---|---|---|"]
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         grids = study.grids(pair, found["best_scale"])
         source, target = PAIRS[pair]
         section += [f"### {pair}: {source} -> {target} (chosen scale {found['best_scale']:g})", "",
-                    *study.table(pair), "", *[f"![{g}](quality/{g})" for g in grids], ""]
+                    study.goal_line(pair, found["best_scale"]), "", *study.table(pair), "", *[f"![{g}](quality/{g})" for g in grids], ""]
     section.append(f"Study time: {time.time() - started:.0f} s.")
     (args.out / "results.json").write_text(json.dumps({"summary": summary, "rows": study.rows}, indent=1) + "\n")
     write_doc(args.doc, section)
