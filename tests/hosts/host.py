@@ -200,6 +200,12 @@ class WebUI:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise HostError(f"{self.flavour} exited with {self.process.returncode}:\n{self.console_tail()}")
+            # No request before "Startup time": A1111 1.10 adds its API middleware after the server has
+            # started, and starlette refuses that ("Cannot add middleware after an application has
+            # started") once any request has built the app's middleware stack (seen once in CI).
+            if "Startup time" not in self.console_text():
+                time.sleep(1)
+                continue
             try:
                 if self.get("/sdapi/v1/sd-models").status == 200 and kind.ready in self.console_text():
                     return
