@@ -1,7 +1,7 @@
 """Train the miniature world's models: two VAEs, three base models, the style and concept LoRAs of
-each, and the metrics' classifier. Seeded; `--preset full` is sized for a GPU (minutes), `--preset
-gpu` for under 10 minutes of an H100 (fewer UNet and LoRA steps), `--preset cpu` for 2 CPU cores (under an hour, smaller data and fewer steps), `--preset quick` only checks
-that the pipeline runs.
+each, and the metrics' classifier. Seeded. Presets: `full` is sized for a GPU (minutes); `gpu` for
+under 10 minutes of an H100 (fewer UNet and LoRA steps); `cpu` for 2 CPU cores (under an hour,
+smaller data and fewer steps); `quick` only checks that the pipeline runs.
 
     python -m lib_deltasampling.lab.train --out lib_deltasampling/lab/minis --preset full --device cuda
 
