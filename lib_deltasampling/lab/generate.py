@@ -165,7 +165,6 @@ def firstpass(lab: Lab, target: str, prompts: list[str], seeds: list[int], *, so
     """The naive baseline (old-sd-firstpasser): the source with its LoRA makes the image, the target
     re-draws it by img2img at denoising `strength` (its VAE encodes the first pass's pixels)."""
     first = generate(lab, source, prompts, seeds, steps=steps, cfg=cfg, sampler=sampler, target_lora=lora)
-    pixels = torch.from_numpy(first).to(lab.placement.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    mean, _ = lab.autoencoder(target).moments(pixels)
+    mean, _ = lab.autoencoder(target).moments(minis.pixels(first, lab.placement.device))
     init = mean * lab.model(target).latent_scale
     return generate(lab, target, prompts, seeds, steps=steps, cfg=cfg, sampler=sampler, init=init, strength=strength)

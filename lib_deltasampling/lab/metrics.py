@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import world
+from .minis import pixels
 
 
 class Classifier(nn.Module):
@@ -38,7 +39,7 @@ class Classifier(nn.Module):
 def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [B, H, W, 3] (or float [B, 3, H, W] in [-1, 1]) -> float [B, 3, 64, 64] in [-1, 1]."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        images = pixels(images)
     images = images.to(device, torch.float32)
     if images.shape[-1] != 64:
         images = F.interpolate(images, size=(64, 64), mode="area" if images.shape[-1] > 64 else "bilinear")

@@ -77,6 +77,12 @@ SPECS = {
 }
 
 
+def pixels(images, device=None) -> torch.Tensor:
+    """uint8 images [B, H, W, 3] (numpy or torch) -> float [B, 3, H, W] in [-1, 1], the VAE's input range."""
+    images = torch.from_numpy(images) if not isinstance(images, torch.Tensor) else images
+    return images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 # ---------------------------------------------------------------------------- VAE encoder
 
 class Downsample(nn.Module):

@@ -123,7 +123,7 @@ class Study:
     def best_scale(self, pair: str, kind: str) -> float:
         """The scale with the highest recovery among those that keep >= 90 % of the target's content."""
         rows = [r for r in self.rows if r["pair"] == pair and r["kind"] == kind and "scale" in r
-                and len([k for k in r if k in ("schedule", "start", "end", "guidance", "reuse")]) == 0
+                and not any(k in r for k in ("schedule", "start", "end", "guidance", "reuse"))
                 and r["sampler"] == "Euler"]
         ok = [r for r in rows if self.relative(r)["content_kept"] >= 0.9] or rows
         return max(ok, key=lambda r: self.relative(r)["recovery"])["scale"]

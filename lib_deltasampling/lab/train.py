@@ -17,7 +17,7 @@ import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import minis, world
 from .lora import LoraNetwork, lora_layers
-from .metrics import Classifier, label_tensors, to_input
+from .metrics import Classifier, label_tensors
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,6 @@ def make_data(plan: Plan, workers: int) -> Data:
     return Data(base, style, concept, extra)
 
 
-def pixels(images: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 # ---------------------------------------------------------------------------- VAE
 
 def train_vae(config, images: np.ndarray, plan: Plan, device, seed: int, family: str) -> minis.AutoencoderKL:
@@ -112,7 +108,7 @@ def train_vae(config, images: np.ndarray, plan: Plan, device, seed: int, family:
     for step in range(plan.vae_steps):
         lr_at(opt, plan.lr, step, plan.vae_steps)
         x = data[torch.randint(0, len(data), (plan.vae_batch,), device=device, generator=g)]
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = minis.pixels(x)
         if plan.vae_crop:
             top, left = (int(v) for v in torch.randint(0, x.shape[-1] - plan.vae_crop + 1, (2,), generator=g, device=device))
             x = x[..., top:top + plan.vae_crop, left:left + plan.vae_crop]
@@ -128,7 +124,7 @@ def train_vae(config, images: np.ndarray, plan: Plan, device, seed: int, family:
             log(f"vae {family} step {step} loss {loss.item():.4f} kl {kl.item():.2f}")
     vae.eval()
     with torch.no_grad():   # latent * family scale factor gets unit standard deviation, as for the real VAEs
-        means = torch.cat([vae.moments(pixels(images[i:i + 256], device))[0] for i in range(0, min(len(images), 4096), 256)])
+        means = torch.cat([vae.moments(minis.pixels(images[i:i + 256], device))[0] for i in range(0, min(len(images), 4096), 256)])
         vae.rescale_latents(1.0 / (float(means.std()) * minis.SCALE[family]))
     return vae
 
@@ -138,7 +134,7 @@ def encode(vae: minis.AutoencoderKL, images: np.ndarray, device) -> tuple[torch.
     """Posterior mean and standard deviation of every image (raw VAE latents)."""
     means, stds = [], []
     for i in range(0, len(images), 256):
-        m, lv = vae.moments(pixels(images[i:i + 256], device))
+        m, lv = vae.moments(minis.pixels(images[i:i + 256], device))
         means.append(m)
         stds.append((0.5 * lv).exp())
     return torch.cat(means), torch.cat(stds)
@@ -255,7 +251,7 @@ def train_classifier(data: Data, vaes: list[minis.AutoencoderKL], plan: Plan, de
     for step in range(plan.classifier_steps):
         lr_at(opt, plan.lr, step, plan.classifier_steps)
         rows = torch.randint(0, len(x_all), (plan.classifier_batch,), device=device, generator=g)
-        x = x_all[rows].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = minis.pixels(x_all[rows])
         half = plan.classifier_batch // 2
         with torch.no_grad():
             vae = vaes[step % len(vaes)]
